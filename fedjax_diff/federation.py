@@ -1,0 +1,141 @@
+"""Clients on a leading axis: stacking, padding, sampling and the client mesh.
+
+Every per-client pytree in fedjax_diff has the clients on axis 0, and that axis
+is sharded over the 1-D device mesh axis `clients` (as in google/drjax's
+placements). A round works on a fixed number of client *slots*, a multiple of
+the device count; slots beyond the sampled clients are padding and weigh 0.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import flax
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+CLIENTS = 'clients'
+
+
+def client_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh with axis `clients` over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (CLIENTS,), devices=devices,
+                       axis_types=(AxisType.Auto,))
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a per-client array: axis 0 split over `clients`."""
+  return NamedSharding(mesh, P(CLIENTS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (e.g. the server state) on every device of `mesh`.
+
+  Do this once before the first round: the round returns its state with this
+  sharding, and an input placed the same way is not compiled for again.
+  """
+  return jax.device_put(tree, replicated(mesh))
+
+
+@flax.struct.dataclass
+class ClientData:
+  """The whole federation's training data, stacked on a leading client axis.
+
+  Attributes:
+    images: uint8 [num_clients, max_examples, H, W, C], zero beyond `counts`.
+    labels: int32 [num_clients, max_examples], zero beyond `counts`.
+    counts: int32 [num_clients], examples held by each client (0 = padding).
+  """
+  images: jax.Array
+  labels: jax.Array
+  counts: jax.Array
+
+  @property
+  def num_clients(self) -> int:
+    return self.counts.shape[0]
+
+
+def stack_clients(images: np.ndarray, labels: np.ndarray,
+                  parts: Sequence[np.ndarray],
+                  num_slots: Optional[int] = None) -> ClientData:
+  """Stacks a partition into padded numpy arrays `[clients, max_n, ...]`.
+
+  Args:
+    images: uint8 [N, H, W, C] examples of the whole dataset.
+    labels: int [N].
+    parts: one index array per client (from `fedjax_diff.data.partition`).
+    num_slots: total client rows; rows beyond `len(parts)` are empty padding
+      clients (count 0). Defaults to `len(parts)`.
+
+  Returns:
+    A `ClientData` of numpy arrays.
+  """
+  num_slots = len(parts) if num_slots is None else num_slots
+  if num_slots < len(parts):
+    raise ValueError(f'num_slots={num_slots} < number of clients {len(parts)}.')
+  empty = [i for i, p in enumerate(parts) if len(p) == 0]
+  if empty:
+    raise ValueError(f'Clients {empty} hold no examples; use a partition with '
+                     'min_size >= 1 or fewer clients.')
+  counts = np.array([len(p) for p in parts] + [0] * (num_slots - len(parts)),
+                    np.int32)
+  max_n = int(counts.max(initial=1))
+  out_images = np.zeros((num_slots, max_n) + images.shape[1:], np.uint8)
+  out_labels = np.zeros((num_slots, max_n), np.int32)
+  for i, idx in enumerate(parts):
+    out_images[i, :len(idx)] = images[idx]
+    out_labels[i, :len(idx)] = labels[idx]
+  return ClientData(images=out_images, labels=out_labels, counts=counts)
+
+
+def shard_client_data(data: ClientData, mesh: Mesh) -> ClientData:
+  """Pads the client axis to a multiple of the mesh size and shards it."""
+  n = mesh.size
+  slots = math.ceil(data.num_clients / n) * n
+  pad = slots - data.num_clients
+
+  def pad_and_put(x):
+    x = np.asarray(x)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    return jax.device_put(x, client_sharding(mesh))
+
+  return jax.tree.map(pad_and_put, data)
+
+
+def sample_clients(num_clients: int, clients_per_round: int, seed: int,
+                   round_idx: int) -> np.ndarray:
+  """Clients taking part in round `round_idx`, without replacement.
+
+  Deterministic from `(seed, round_idx)` alone, so a resumed run samples the
+  same clients as an uninterrupted one.
+  """
+  if not 0 < clients_per_round <= num_clients:
+    raise ValueError(f'clients_per_round={clients_per_round} must be in '
+                     f'[1, num_clients={num_clients}].')
+  if clients_per_round == num_clients:
+    return np.arange(num_clients, dtype=np.int32)
+  rng = np.random.default_rng([seed, round_idx])
+  ids = rng.choice(num_clients, clients_per_round, replace=False)
+  return np.sort(ids).astype(np.int32)
+
+
+def round_slots(client_ids: np.ndarray, num_devices: int):
+  """Pads a round's client ids to a multiple of the device count.
+
+  Returns:
+    (ids, mask): int32 ids of length `ceil(K / num_devices) * num_devices`
+    (padding slots repeat id 0) and a float32 mask, 1 for real clients.
+  """
+  k = len(client_ids)
+  slots = math.ceil(k / num_devices) * num_devices
+  ids = np.zeros(slots, np.int32)
+  ids[:k] = client_ids
+  mask = np.zeros(slots, np.float32)
+  mask[:k] = 1.0
+  return ids, mask

@@ -1,0 +1,244 @@
+"""One federated round as one jitted program.
+
+A call of the round function does, on device and with no host round-trip:
+
+1. broadcast θ_global to the round's client slots (an unmapped `vmap`
+   argument, never K copies);
+2. each client runs `local_steps` optimizer steps under `lax.scan` on batches
+   drawn by index from its own on-device data;
+3. each client's update Δ_k = θ_k − θ_global is folded into the aggregator's
+   accumulator on its device, then reduced over the mesh (`psum`);
+4. the server optimizer applies the aggregate as the pseudo-gradient −Δ̄
+   (`sgd(1.0)`: FedAvg, McMahan et al. 2017, arXiv 1602.05629);
+5. the EMA of the global parameters is updated.
+
+Client slots are sharded over the mesh axis `clients` with `shard_map`. Inside
+one device, clients run in chunks: a `lax.scan` over chunks, each chunk a
+`vmap` over its clients. `mode='vmap'` is one chunk of all the device's
+clients (fastest where grouped convolutions are fast), `mode='map'` chunks of
+one (least memory; one client after another), `mode='chunked'` chunks of
+`chunk_size`. Accumulating chunk by chunk means no device ever holds more
+than one chunk of client models.
+
+Random numbers: round r uses `fold_in(state.rng, r)`, and client k's key is
+that folded with k's global id, so a client's training does not depend on the
+slot or device it lands on, nor on the number of devices.
+"""
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fedjax_diff import federation
+from fedjax_diff.diffusion import ema as ema_lib
+from fedjax_diff.state import ServerState
+from fedjax_diff.strategies.aggregator import Aggregator
+from fedjax_diff.strategies.fedavg import fedavg
+
+PyTree = Any
+LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
+MODES = ('vmap', 'map', 'chunked')
+
+
+def to_float_images(images: jax.Array) -> jax.Array:
+  """uint8 [0, 255] → float32 [−1, 1], the range the diffusion model sees."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def epoch_order(key: jax.Array, count: jax.Array, max_n: int) -> jax.Array:
+  """A random permutation of `[0, count)` followed by the padding indices.
+
+  Batches are read cyclically from it, so a client sees each of its examples
+  once per local epoch (sampling without replacement).
+  """
+  scores = jax.random.uniform(key, (max_n,))
+  scores = jnp.where(jnp.arange(max_n) < count, scores, 2.0)
+  return jnp.argsort(scores)
+
+
+def client_batch(images, labels, order, count, step, batch_size, key,
+                 random_flip: bool):
+  """The `step`-th local batch of one client, as float images and labels."""
+  pos = (step * batch_size + jnp.arange(batch_size)) % jnp.maximum(count, 1)
+  idx = order[pos]
+  x = to_float_images(images[idx])
+  if random_flip:
+    flip = jax.random.bernoulli(key, 0.5, (batch_size,))
+    x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+  return x, labels[idx]
+
+
+def chunk_size_for(mode: str, clients_per_device: int,
+                   chunk_size: Optional[int]) -> int:
+  """Clients vmapped together on one device, for an execution mode."""
+  if mode == 'vmap':
+    return clients_per_device
+  if mode == 'map':
+    return 1
+  if mode == 'chunked':
+    if not chunk_size or clients_per_device % chunk_size:
+      raise ValueError(
+          f"mode='chunked' needs chunk_size dividing the {clients_per_device} "
+          f'client slots per device; got chunk_size={chunk_size}. Pick a '
+          'divisor, or change clients_per_round / the device count.')
+    return chunk_size
+  raise ValueError(f'Unknown execution mode {mode!r}; use one of {MODES}.')
+
+
+def _as_varying(tree, axis_name: str):
+  """Marks every leaf of `tree` as varying over `axis_name` (in shard_map)."""
+  def cast(x):
+    if axis_name in jax.typeof(x).manual_axis_type.varying:
+      return x
+    return jax.lax.pcast(x, (axis_name,), to='varying')
+  return jax.tree.map(cast, tree)
+
+
+def make_client_update(loss_fn: LossFn,
+                       client_optimizer: optax.GradientTransformationExtraArgs,
+                       local_steps: int, batch_size: int,
+                       random_flip: bool = False):
+  """Local training of one client: `local_steps` steps under `lax.scan`.
+
+  Returns `client_update(global_params, images, labels, count, key, round)
+  -> (delta, mean_loss)`, with `images` the client's uint8
+  `[max_n, H, W, C]`. Keys: `order_key, train_key = split(key)`; step s uses
+  `fold_in(train_key, s)` split into (flip, loss) keys.
+  """
+
+  def client_update(global_params, images, labels, count, key, round_idx):
+    order_key, train_key = jax.random.split(key)
+    order = epoch_order(order_key, count, images.shape[0])
+    opt_state = client_optimizer.init(global_params)
+
+    def step(carry, s):
+      params, opt_state = carry
+      flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
+      x, y = client_batch(images, labels, order, count, s, batch_size,
+                          flip_key, random_flip)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y, loss_key)
+      updates, opt_state = client_optimizer.update(
+          grads, opt_state, params, global_params=global_params,
+          global_step=round_idx * local_steps + s)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), losses = jax.lax.scan(step, (global_params, opt_state),
+                                       jnp.arange(local_steps))
+    delta = jax.tree.map(jnp.subtract, params, global_params)
+    return delta, losses.mean()
+
+  return client_update
+
+
+def make_round_fn(*, loss_fn: LossFn,
+                  client_optimizer: optax.GradientTransformationExtraArgs,
+                  server_optimizer: optax.GradientTransformation,
+                  mesh: Mesh, local_steps: int, batch_size: int,
+                  aggregator: Optional[Aggregator] = None,
+                  mode: str = 'vmap', chunk_size: Optional[int] = None,
+                  ema_decay: float = 0.9999, random_flip: bool = False,
+                  donate: bool = True):
+  """Builds the jitted round function.
+
+  Args:
+    loss_fn: `(params, x, labels, rng) -> scalar`, x float32 NHWC in [−1, 1].
+    client_optimizer: optax chain, called with extra args `global_params`
+      and `global_step` (see `fedjax_diff.optimizers`).
+    server_optimizer: optax transform applied to −Δ̄.
+    mesh: a 1-D mesh with axis `clients` (`federation.client_mesh`).
+    local_steps: optimizer steps per client per round.
+    batch_size: local batch size.
+    aggregator: defaults to `fedavg()`.
+    mode: 'vmap', 'map' or 'chunked' (see the module docstring).
+    chunk_size: clients per chunk for mode='chunked'.
+    ema_decay: decay of the EMA of the global parameters.
+    random_flip: random horizontal flips of local batches.
+    donate: donate the input state's buffers to the output.
+
+  Returns:
+    `round_fn(state, data, client_ids, client_mask) -> (state, metrics)`.
+    `data` is a `federation.ClientData` (sharded or not), `client_ids` int32
+    `[slots]` global ids and `client_mask` float32 `[slots]` (0 = padding
+    slot), with `slots` a multiple of the mesh size
+    (`federation.round_slots`). metrics: `loss` (example-weighted mean local
+    training loss), `client_losses` and `client_weights` per slot.
+  """
+  aggregator = aggregator or fedavg()
+  if mode not in MODES:
+    raise ValueError(f'Unknown execution mode {mode!r}; use one of {MODES}.')
+  client_update = make_client_update(loss_fn, client_optimizer, local_steps,
+                                     batch_size, random_flip)
+  clients = federation.CLIENTS
+
+  def device_block(global_params, images, labels, counts, keys, weights,
+                   round_idx):
+    """The clients of one device, chunk by chunk, then the mesh reduction."""
+    per_device = counts.shape[0]
+    c = chunk_size_for(mode, per_device, chunk_size)
+    # θ_global arrives replicated (invariant over the mesh axis). Mark it as
+    # varying before clients train from it: differentiating through an
+    # invariant input transposes to a psum, which would add up the gradients
+    # of clients on different devices. pcast changes the type, not the data.
+    global_params = _as_varying(global_params, clients)
+    chunked = jax.tree.map(
+        lambda x: x.reshape((per_device // c, c) + x.shape[1:]),
+        (images, labels, counts, keys, weights))
+    vmapped = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, None))
+
+    def body(acc, xs):
+      imgs, lbls, cnts, ks, ws = xs
+      deltas, losses = vmapped(global_params, imgs, lbls, cnts, ks, round_idx)
+      return aggregator.accumulate(acc, deltas, ws), losses
+
+    # The accumulator differs from device to device: it must be varying over
+    # the mesh axis for the scan's carry types to match.
+    acc0 = _as_varying(aggregator.init(global_params), clients)
+    acc, losses = jax.lax.scan(body, acc0, chunked)
+    return aggregator.finalize(acc, clients), losses.reshape(per_device)
+
+  sharded_block = jax.shard_map(
+      device_block, mesh=mesh,
+      in_specs=(P(), P(clients), P(clients), P(clients), P(clients),
+                P(clients), P()),
+      out_specs=(P(), P(clients)))
+
+  def round_fn(state: ServerState, data: federation.ClientData,
+               client_ids: jax.Array, client_mask: jax.Array):
+    if client_ids.shape[0] % mesh.size:
+      raise ValueError(
+          f'{client_ids.shape[0]} client slots do not split over {mesh.size} '
+          'devices; pad them with federation.round_slots.')
+    round_key = jax.random.fold_in(state.rng, state.round)
+    keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(client_ids)
+    images = data.images[client_ids]
+    labels = data.labels[client_ids]
+    counts = jnp.where(client_mask > 0, data.counts[client_ids], 0)
+    weights = counts.astype(jnp.float32)
+    delta, losses = sharded_block(state.params, images, labels, counts, keys,
+                                  weights, state.round)
+    updates, opt_state = server_optimizer.update(
+        jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        params=params,
+        ema_params=ema_lib.ema_update(state.ema_params, params, ema_decay),
+        opt_state=opt_state,
+        round=state.round + 1)
+    total = jnp.maximum(weights.sum(), 1.0)
+    metrics = {
+        'loss': jnp.sum(jnp.where(weights > 0, losses, 0) * weights) / total,
+        'client_losses': losses,
+        'client_weights': weights,
+    }
+    return new_state, metrics
+
+  return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+
+
+def num_slots(clients_per_round: int, mesh: Mesh) -> int:
+  """Client slots per round: `clients_per_round` rounded up to the mesh."""
+  return math.ceil(clients_per_round / mesh.size) * mesh.size
