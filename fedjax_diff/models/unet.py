@@ -1,0 +1,417 @@
+"""The DDPM noise-prediction UNet in flax.linen.
+
+A re-implementation of the UNet of "Denoising Diffusion Probabilistic Models"
+(Ho, Jain & Abbeel, 2020, arXiv:2006.11239, Appendix B), itself a PixelCNN++
+style Wide-ResNet UNet with self-attention at chosen resolutions, GroupNorm,
+and a sinusoidal timestep embedding (as in the Transformer positional
+encoding) that is added to every residual block.
+
+With the paper's CIFAR-10 settings (ch=128, ch_mult=(1, 2, 2, 2),
+num_res_blocks=2, attn_resolutions=(16,), 32x32x3 input) the model has
+35,746,307 parameters, the paper's "35.7M".
+
+Optional class conditioning adds a learned label embedding to the timestep
+embedding. The table has `num_classes + 1` rows; row `num_classes` is the
+"null" class used for classifier-free guidance (Ho & Salimans, 2022,
+arXiv:2207.12598): the caller drops labels to the null class during training,
+and `labels=None` means the null class.
+
+The network is used through `make_eps_fn`, whose
+`eps_fn(params, x_t, t, labels, *, train, rng)` contract is shared by the
+diffusion losses, the samplers and the federated rounds.
+"""
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+PyTree = Any
+
+
+def _default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """DDPM's initialiser: fan-avg uniform variance scaling.
+
+  The reference implementation initialises every conv / dense layer with
+  `variance_scaling(scale, 'fan_avg', 'uniform')` and uses `scale=0` (clamped
+  to 1e-10) for the last conv of each residual block, the attention output
+  projection and the output conv, so that every residual branch starts as
+  (almost) the identity.
+
+  Args:
+    scale: variance scale; values <= 0 mean "near zero" (1e-10).
+
+  Returns:
+    A flax initializer.
+  """
+  return nn.initializers.variance_scaling(
+      max(scale, 1e-10), 'fan_avg', 'uniform')
+
+
+def timestep_embedding(t: Array, dim: int) -> Array:
+  """Sinusoidal timestep embedding (DDPM Appendix B; Vaswani et al. 2017).
+
+  Args:
+    t: [B] timesteps (integer or float).
+    dim: embedding size, even and >= 4.
+
+  Returns:
+    [B, dim] float32 array `[sin(t * f), cos(t * f)]` with frequencies
+    `f_k = 10000 ** (-k / (dim // 2 - 1))`.
+  """
+  if dim % 2 or dim < 4:
+    raise ValueError(f'Timestep embedding size must be even and >= 4, got '
+                     f'{dim}.')
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim != 1:
+    raise ValueError(f'Expected timesteps of shape [B], got {t.shape}.')
+  half = dim // 2
+  freqs = jnp.exp(
+      -math.log(10000.0) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+  args = t[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+def _conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1,
+          init_scale: float = 1.0, name: Optional[str] = None) -> nn.Conv:
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding='SAME',
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_default_init(init_scale),
+      bias_init=nn.initializers.zeros,
+      name=name)
+
+
+def _dense(features: int, dtype: Dtype, *, init_scale: float = 1.0,
+           name: Optional[str] = None) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_default_init(init_scale),
+      bias_init=nn.initializers.zeros,
+      name=name)
+
+
+def _norm(num_groups: int, dtype: Dtype,
+          name: Optional[str] = None) -> nn.GroupNorm:
+  return nn.GroupNorm(
+      num_groups=num_groups, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class ResBlock(nn.Module):
+  """DDPM residual block with timestep-embedding injection.
+
+  GroupNorm -> swish -> conv3x3 -> + Dense(swish(temb)) -> GroupNorm ->
+  swish -> dropout -> conv3x3 (near-zero init), plus a 1x1 projection of the
+  input when the number of channels changes.
+  """
+  out_ch: int
+  dropout: float
+  num_groups: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array, *, train: bool) -> Array:
+    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm1')(x))
+    h = _conv(self.out_ch, 3, self.dtype, name='conv1')(h)
+    h = h + _dense(self.out_ch, self.dtype, name='temb_proj')(
+        nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm2')(h))
+    if self.dropout > 0:
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.out_ch, 3, self.dtype, init_scale=0.0, name='conv2')(h)
+    if x.shape[-1] != self.out_ch:
+      x = _conv(self.out_ch, 1, self.dtype, name='skip')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention with a residual connection."""
+  num_groups: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, hgt, wid, c = x.shape
+    h = _norm(self.num_groups, self.dtype, name='norm')(x)
+    q = _conv(c, 1, self.dtype, name='q')(h).reshape(b, hgt * wid, c)
+    k = _conv(c, 1, self.dtype, name='k')(h).reshape(b, hgt * wid, c)
+    v = _conv(c, 1, self.dtype, name='v')(h).reshape(b, hgt * wid, c)
+    logits = jnp.einsum('bqc,bkc->bqk', q, k,
+                        preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1)
+    h = jnp.einsum('bqk,bkc->bqc', weights.astype(self.dtype), v)
+    h = h.reshape(b, hgt, wid, c)
+    h = _conv(c, 1, self.dtype, init_scale=0.0, name='proj_out')(h)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """3x3 conv with stride 2 ('SAME' padding: pads 0 before, 1 after)."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return _conv(x.shape[-1], 3, self.dtype, stride=2, name='conv')(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(x.shape[-1], 3, self.dtype, name='conv')(x)
+
+
+class UNet(nn.Module):
+  """The DDPM epsilon-prediction UNet (Ho et al. 2020, arXiv:2006.11239).
+
+  Attributes:
+    ch: base channel count; level i has `ch * ch_mult[i]` channels.
+    ch_mult: channel multipliers, one per resolution level. The input is
+      downsampled `len(ch_mult) - 1` times, so H and W must be divisible by
+      `2 ** (len(ch_mult) - 1)`.
+    num_res_blocks: residual blocks per level on the down path (the up path
+      has one more per level).
+    attn_resolutions: spatial sizes (height of the feature map) at which a
+      self-attention block follows each residual block.
+    dropout: dropout rate inside residual blocks (rng collection 'dropout';
+      only active when `train=True`).
+    num_classes: if set, class-conditional with an `Embed(num_classes + 1)`
+      label table; index `num_classes` is the null class (classifier-free
+      guidance).
+    out_ch: output channels; defaults to the input's channel count.
+    num_groups: GroupNorm groups; must divide `ch * m` for every `m` in
+      `ch_mult` (and `ch`).
+    dtype: compute dtype; parameters are always float32 and the output is
+      returned as float32.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  num_classes: Optional[int] = None
+  out_ch: Optional[int] = None
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  def _check_config(self):
+    if not self.ch_mult:
+      raise ValueError('UNet.ch_mult must have at least one level.')
+    if self.ch % 2 or self.ch < 4:
+      raise ValueError(
+          f'UNet.ch must be even and >= 4 (it is also the sinusoidal timestep '
+          f'embedding size), got ch={self.ch}.')
+    widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+    bad = [w for w in widths if w % self.num_groups]
+    if bad:
+      raise ValueError(
+          f'UNet.num_groups={self.num_groups} must divide every channel '
+          f'width, but the widths ch * ch_mult = {widths} (ch={self.ch}, '
+          f'ch_mult={tuple(self.ch_mult)}) include {bad} which it does not '
+          f'divide. Choose num_groups dividing {math.gcd(*widths)}, or change '
+          f'ch.')
+    if self.num_res_blocks < 1:
+      raise ValueError(
+          f'UNet.num_res_blocks must be >= 1, got {self.num_res_blocks}.')
+
+  def _check_input(self, x: Array):
+    if x.ndim != 4:
+      raise ValueError(f'UNet expects NHWC input, got shape {x.shape}.')
+    _, hgt, wid, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if hgt % factor or wid % factor:
+      # Deepest UNet that this input size supports.
+      max_down = 0
+      while hgt % 2 ** (max_down + 1) == 0 and wid % 2 ** (max_down + 1) == 0:
+        max_down += 1
+      raise ValueError(
+          f'UNet input spatial size {hgt}x{wid} is not divisible by '
+          f'2**(len(ch_mult)-1) = {factor} (ch_mult={tuple(self.ch_mult)} has '
+          f'{len(self.ch_mult)} levels, i.e. {len(self.ch_mult) - 1} '
+          f'downsamplings). Either resize/pad the images to a multiple of '
+          f'{factor}, or use a ch_mult with at most {max_down + 1} entries '
+          f'for {hgt}x{wid} inputs.')
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, labels: Optional[Array] = None, *,
+               train: bool) -> Array:
+    """Predicts the noise eps added to `x`.
+
+    Args:
+      x: [B, H, W, C] noisy images.
+      t: [B] integer timesteps (a scalar is broadcast to the batch).
+      labels: [B] integer class labels in [0, num_classes] (num_classes being
+        the null class), or None (all null class). Must be None for an
+        unconditional model.
+      train: enables dropout (needs a 'dropout' rng).
+
+    Returns:
+      [B, H, W, out_ch] float32 noise prediction.
+    """
+    self._check_config()
+    self._check_input(x)
+    batch = x.shape[0]
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+      t = jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,):
+      raise ValueError(
+          f'Expected timesteps of shape ({batch},), got {t.shape}.')
+    out_ch = self.out_ch if self.out_ch is not None else x.shape[-1]
+    num_levels = len(self.ch_mult)
+    res_block = functools.partial(
+        ResBlock, dropout=self.dropout, num_groups=self.num_groups,
+        dtype=self.dtype)
+    attn_block = functools.partial(
+        AttnBlock, num_groups=self.num_groups, dtype=self.dtype)
+
+    # Timestep (and label) embedding.
+    temb = timestep_embedding(t, self.ch)
+    temb = _dense(self.ch * 4, self.dtype, name='temb_dense0')(temb)
+    temb = _dense(self.ch * 4, self.dtype, name='temb_dense1')(nn.swish(temb))
+    if self.num_classes is not None:
+      if labels is None:
+        labels = jnp.full((batch,), self.num_classes, jnp.int32)
+      labels = jnp.asarray(labels)
+      if labels.shape != (batch,):
+        raise ValueError(
+            f'Expected labels of shape ({batch},), got {labels.shape}.')
+      temb = temb + nn.Embed(
+          self.num_classes + 1,
+          self.ch * 4,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          name='label_embed')(labels)
+    elif labels is not None:
+      raise ValueError(
+          'UNet got labels but num_classes is None (unconditional model); '
+          'pass labels=None or set num_classes.')
+
+    # Down path.
+    hs = [_conv(self.ch, 3, self.dtype, name='conv_in')(
+        x.astype(self.dtype))]
+    for i in range(num_levels):
+      for j in range(self.num_res_blocks):
+        h = res_block(self.ch * self.ch_mult[i], name=f'down_{i}_res_{j}')(
+            hs[-1], temb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(name=f'down_{i}_attn_{j}')(h)
+        hs.append(h)
+      if i != num_levels - 1:
+        hs.append(Downsample(self.dtype, name=f'down_{i}_downsample')(hs[-1]))
+
+    # Middle.
+    h = hs[-1]
+    h = res_block(h.shape[-1], name='mid_res_0')(h, temb, train=train)
+    h = attn_block(name='mid_attn')(h)
+    h = res_block(h.shape[-1], name='mid_res_1')(h, temb, train=train)
+
+    # Up path.
+    for i in reversed(range(num_levels)):
+      for j in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res_block(self.ch * self.ch_mult[i], name=f'up_{i}_res_{j}')(
+            h, temb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(name=f'up_{i}_attn_{j}')(h)
+      if i != 0:
+        h = Upsample(self.dtype, name=f'up_{i}_upsample')(h)
+    assert not hs, len(hs)
+
+    # Output.
+    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm_out')(h))
+    h = _conv(out_ch, 3, self.dtype, init_scale=0.0, name='conv_out')(h)
+    return h.astype(jnp.float32)
+
+
+def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
+  """Builds a `UNet` from a config.
+
+  Args:
+    cfg: with fields `ch`, `ch_mult`, `num_res_blocks`, `attn_resolutions`,
+      `dropout`, and optionally `num_classes` (default None), `num_groups`
+      (default 32) and `out_ch` (default: input channels).
+
+  Returns:
+    The (unbound) UNet module.
+  """
+  num_classes = cfg.get('num_classes', None)
+  out_ch = cfg.get('out_ch', None)
+  return UNet(
+      ch=int(cfg.ch),
+      ch_mult=tuple(int(m) for m in cfg.ch_mult),
+      num_res_blocks=int(cfg.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in cfg.attn_resolutions),
+      dropout=float(cfg.dropout),
+      num_classes=None if num_classes is None else int(num_classes),
+      out_ch=None if out_ch is None else int(out_ch),
+      num_groups=int(cfg.get('num_groups', 32)))
+
+
+def count_params(params: PyTree) -> int:
+  """Total number of scalars in a parameter pytree (arrays or shape structs)."""
+  return int(sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)))
+
+
+def init_params(model: UNet, rng: Array, image_shape: Sequence[int],
+                num_classes: Optional[int] = None) -> PyTree:
+  """Initialises `model` on a batch of one image.
+
+  Args:
+    model: the UNet.
+    rng: PRNG key for the 'params' collection.
+    image_shape: (H, W, C).
+    num_classes: optional consistency check against `model.num_classes`; the
+      label table is created whenever `model.num_classes` is set.
+
+  Returns:
+    The 'params' collection as a plain (nested dict) pytree.
+  """
+  if len(image_shape) != 3:
+    raise ValueError(f'image_shape must be (H, W, C), got {image_shape}.')
+  if num_classes is not None and num_classes != model.num_classes:
+    raise ValueError(
+        f'init_params got num_classes={num_classes} but the model has '
+        f'num_classes={model.num_classes}.')
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  labels = (None if model.num_classes is None else
+            jnp.zeros((1,), jnp.int32))
+  variables = model.init({'params': rng}, x, t, labels, train=False)
+  return flax.core.unfreeze(variables['params'])
+
+
+def make_eps_fn(model: UNet) -> Callable[..., Array]:
+  """Wraps `model` into the `eps_fn` contract used across fedjax_diff.
+
+  Args:
+    model: the UNet.
+
+  Returns:
+    `eps_fn(params, x_t, t, labels, *, train, rng) -> eps`, where `rng` seeds
+    dropout when `train=True` and is ignored otherwise.
+  """
+
+  def eps_fn(params: PyTree, x_t: Array, t: Array, labels: Optional[Array],
+             *, train: bool, rng: Optional[Array] = None) -> Array:
+    return model.apply({'params': params}, x_t, t, labels, train=train,
+                       rngs={'dropout': rng} if train else {})
+
+  return eps_fn
