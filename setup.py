@@ -16,6 +16,7 @@ setuptools.setup(
         'orbax-checkpoint>=0.12.8,<0.13',
         'tensorflow-datasets>=4.9.10,<5',
         'tensorflow-cpu>=2.21,<2.22',
+        'tensorboard>=2.20',  # clu's summary writers; not pulled in by TF 2.21
         'ml-collections>=1.1,<2',
         'clu>=0.0.12,<0.1',
         'numpy>=2.0',

@@ -1,0 +1,35 @@
+r"""CPU-tiny config for tests: embedded 8×8 digits, 4 clients, 2 rounds.
+
+Command:
+  python launch/train.py --config=configs/test.py --workdir=/tmp/fedjax_test
+
+Expected runtime: well under a minute on a CPU (mostly compilation).
+"""
+
+import ml_collections
+
+from configs import mnist_fedavg
+
+
+def get_config(arg=None):
+  del arg
+  config = mnist_fedavg.get_config()
+  config.num_rounds = 2
+  config.data.name = 'digits'
+  config.partition.method = 'shards'
+  config.partition.classes_per_client = 5
+  config.federation = ml_collections.ConfigDict(dict(
+      num_clients=4, clients_per_round=3, local_steps=2, batch_size=4,
+      mode='vmap', chunk_size=0))
+  config.model = ml_collections.ConfigDict(dict(
+      ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+      dropout=0.0, num_groups=4, num_classes=None))
+  config.diffusion.num_timesteps = 100
+  config.client_optimizer.warmup_steps = 2
+  config.evaluators = ml_collections.ConfigDict(dict(
+      denoising_loss=dict(every_rounds=1, num_examples=32, batch_size=16),
+      samples=dict(every_rounds=2, num_samples=16, method='ddim',
+                   num_steps=5, eta=0.0),
+  ))
+  config.checkpoint_every = 1
+  return config

@@ -1,0 +1,210 @@
+"""`train_and_evaluate(config, workdir)`: a federated diffusion run end to end.
+
+The config (see configs/mnist_fedavg.py for every field) names the data and
+its partition, the UNet, the diffusion schedule, the client and server
+optimizers, the federation's shape and the evaluators. The workdir follows
+the contract of `fedjax_diff.workdir`; running again resumes.
+"""
+
+import inspect
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedjax_diff import comm
+from fedjax_diff import data as data_lib
+from fedjax_diff import evaluators as evaluators_lib
+from fedjax_diff import federation
+from fedjax_diff import models
+from fedjax_diff import optimizers
+from fedjax_diff import progress as progress_lib
+from fedjax_diff import rounds
+from fedjax_diff import workdir as workdir_lib
+from fedjax_diff.diffusion import diffusion_loss
+from fedjax_diff.diffusion import make_schedule
+from fedjax_diff.state import init_server_state
+from fedjax_diff.state import ServerState
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def load_data(cfg: ml_collections.ConfigDict):
+  """Train and test splits named by `config.data`."""
+  kwargs = {}
+  if cfg.get('image_size'):
+    kwargs['image_size'] = int(cfg.image_size)
+  train = data_lib.load_dataset(cfg.name, 'train', cfg.get('data_dir'),
+                                **kwargs)
+  test = data_lib.load_dataset(cfg.name, cfg.get('test_split', 'test'),
+                               cfg.get('data_dir'), **kwargs)
+  return train, test
+
+
+def partition(labels: np.ndarray, cfg: ml_collections.ConfigDict,
+              num_clients: int, seed: int):
+  """Splits examples over clients; `config.partition` holds the method and
+  any of its arguments (fields a method does not take are ignored, so
+  `--config.partition.method=dirichlet --config.partition.alpha=0.1`
+  works from any config)."""
+  fn = data_lib.PARTITIONERS.get(cfg.method)
+  if fn is None:
+    raise ValueError(f'config.partition.method={cfg.method!r}; use one of '
+                     f'{sorted(data_lib.PARTITIONERS)}.')
+  accepted = inspect.signature(fn).parameters
+  kwargs = {k: v for k, v in cfg.items()
+            if k in accepted and k not in ('labels', 'num_clients', 'seed')}
+  return data_lib.make_partition(labels, cfg.method, num_clients, seed,
+                                 **kwargs)
+
+
+def report_partition(train: data_lib.Dataset, parts, workdir: str) -> None:
+  """Prints and saves the per-client label histogram (text and PNG)."""
+  hist = data_lib.label_histogram(train.labels, parts, train.num_classes)
+  text = data_lib.format_histogram(hist)
+  log(f'Examples per client and label:\n{text}')
+  if workdir_lib.is_writer():
+    with open(os.path.join(workdir, 'label_histogram.txt'), 'w') as f:
+      f.write(text + '\n')
+    data_lib.plot_histogram(hist, os.path.join(workdir, 'label_histogram.png'),
+                            title=f'{train.name}: examples per client')
+
+
+def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
+  """The local training loss `(params, x, labels, rng) -> scalar`."""
+  num_classes = config.model.get('num_classes')
+  drop = float(config.diffusion.get('cond_drop_prob', 0.0))
+
+  def loss_fn(params, x, labels, rng):
+    return diffusion_loss(
+        eps_fn, params, schedule, x, rng,
+        labels=labels if num_classes is not None else None,
+        null_label=num_classes, cond_drop_prob=drop, train=True)
+
+  return loss_fn
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> ServerState:
+  """Trains a federation and evaluates it; resumes from `workdir` if it holds
+  a checkpoint of the same config. Returns the final server state."""
+  workdir_lib.check_and_write_config(workdir, config)
+  fed = config.federation
+  seed = int(config.seed)
+  mesh = federation.client_mesh()
+  log(f'Devices: {mesh.size} x {jax.devices()[0].platform}; '
+      f'execution mode {fed.mode!r}.')
+
+  # Data, partition, per-client arrays on the mesh.
+  train, test = load_data(config.data)
+  parts = partition(train.labels, config.partition, fed.num_clients, seed)
+  report_partition(train, parts, workdir)
+  client_data = federation.shard_client_data(
+      federation.stack_clients(train.images, train.labels, parts), mesh)
+  image_shape = tuple(train.images.shape[1:])
+
+  # Model, diffusion, optimizers.
+  model = models.unet_from_config(config.model)
+  eps_fn = models.make_eps_fn(model)
+  schedule = make_schedule(config.diffusion.schedule,
+                           int(config.diffusion.num_timesteps))
+  # Initialised under jit with an 'rbg' key: XLA compiles the threefry hash
+  # of every parameter's initializer slowly on CPU (minutes for a CIFAR
+  # UNet). Only initialisation uses it; training keys stay threefry, whose
+  # streams do not depend on sharding.
+  params = jax.jit(lambda k: models.init_params(model, k, image_shape))(
+      jax.random.key(seed, impl='rbg'))
+  log(f'UNet: {models.count_params(params):,} parameters.')
+  server_opt = optimizers.server_optimizer(config.server_optimizer)
+  client_opt = optimizers.client_optimizer(config.client_optimizer)
+  state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1))
+
+  # Resume.
+  manager = workdir_lib.checkpoint_manager(workdir)
+  state, step = workdir_lib.restore_checkpoint(manager, state)
+  start = int(state.round)
+  if step is not None:
+    log(f'Resumed from {workdir}/checkpoints at round {start}.')
+    workdir_lib.truncate_metrics(workdir, start)
+  state = federation.replicate(state, mesh)
+
+  round_fn = rounds.make_round_fn(
+      loss_fn=make_loss_fn(eps_fn, schedule, config),
+      client_optimizer=client_opt, server_optimizer=server_opt, mesh=mesh,
+      local_steps=int(fed.local_steps), batch_size=int(fed.batch_size),
+      mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
+      ema_decay=float(config.ema_decay),
+      random_flip=bool(config.data.get('random_flip', False)))
+
+  metrics_log = workdir_lib.MetricsLog(workdir)
+  ctx = evaluators_lib.EvalContext(
+      eps_fn=eps_fn, schedule=schedule, test_data=test,
+      image_shape=image_shape, num_classes=config.model.get('num_classes'),
+      workdir=workdir, seed=seed, write_images=metrics_log.write_images)
+  evaluators = evaluators_lib.build_evaluators(config.get('evaluators'), ctx)
+
+  num_rounds = int(config.num_rounds)
+  per_round = int(fed.clients_per_round)
+  traffic = comm.fedavg_round_bytes(params, per_round)
+  examples_per_round = per_round * int(fed.local_steps) * int(fed.batch_size)
+  log(f'Rounds {start}..{num_rounds}: {per_round} of {fed.num_clients} '
+      f'clients per round, {fed.local_steps} local steps of batch '
+      f'{fed.batch_size}; {traffic["uplink_bytes"] / 2**20:.2f} MiB up and '
+      f'{traffic["downlink_bytes"] / 2**20:.2f} MiB down per round.')
+
+  def slots(round_idx):
+    ids = federation.sample_clients(fed.num_clients, per_round, seed,
+                                    round_idx)
+    return federation.round_slots(ids, mesh.size)
+
+  if start < num_rounds:
+    t = time.perf_counter()
+    round_fn = round_fn.lower(state, client_data, *slots(start)).compile()
+    log(f'Compiled the round in {time.perf_counter() - t:.1f}s.')
+
+  progress = progress_lib.Progress(num_rounds, start)
+  log_every = max(1, int(config.log_every))
+  ckpt_every = int(config.checkpoint_every)
+  t_last, r_last = time.perf_counter(), start
+  for r in range(start, num_rounds):
+    state, metrics = round_fn(state, client_data, *slots(r))
+    done = r + 1
+    row = {}
+    if done % log_every == 0 or done == num_rounds:
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        raise FloatingPointError(
+            f'Training loss is {loss} at round {done}; the last good state '
+            f'is the latest checkpoint in {workdir}/checkpoints. Lower '
+            'config.client_optimizer.learning_rate or enable grad_clip.')
+      now = time.perf_counter()
+      seconds = (now - t_last) / (done - r_last)
+      t_last, r_last = now, done
+      row.update({'loss': loss, **traffic, 'seconds': seconds,
+                  'client_examples_per_second': examples_per_round / seconds})
+      progress.update(done, f'loss {loss:.4f}')
+    figures = {}
+    for name, evaluator in evaluators.items():
+      if evaluators_lib.is_due(evaluator, done, num_rounds):
+        t = time.perf_counter()
+        figures.update(evaluator(state, done))
+        figures[f'{name}_seconds'] = time.perf_counter() - t
+    row.update(figures)
+    if row:
+      metrics_log.write(done, row)
+    if figures:
+      log(f'  eval at round {done}: ' + ', '.join(
+          f'{k} {v:.4g}' for k, v in figures.items()))
+      t_last = time.perf_counter()  # evaluation time is not training time.
+    if done == num_rounds or (ckpt_every > 0 and done % ckpt_every == 0):
+      workdir_lib.save_checkpoint(manager, done, state)
+  metrics_log.close()
+  manager.close()
+  return state

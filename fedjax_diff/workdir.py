@@ -1,0 +1,179 @@
+"""The workdir contract: config, checkpoints, metrics, samples.
+
+A workdir holds
+
+    config.json       the resolved config of the run;
+    checkpoints/      Orbax checkpoints of the server state (enough to resume
+                      bit for bit: params, EMA, optimizer state, round, RNG);
+    metrics.jsonl     one JSON object per logged round;
+    samples/          PNG sample grids;
+    events.out.*      TensorBoard event files (clu metric writers).
+
+Running the same command again resumes from the latest checkpoint. Only
+process 0 writes files other than checkpoints, which Orbax writes
+collectively.
+"""
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from clu import metric_writers
+
+# Fields that may change between the first run and a resumed one: they change
+# how long or how verbosely a run goes, not what it computes.
+RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
+                     'checkpoint_every', 'eval.', 'progress_every_seconds')
+
+
+def is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(json.loads(config.to_json_best_effort()), indent=2,
+                    sort_keys=True)
+
+
+def check_and_write_config(workdir: str,
+                           config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or checks a resumed run against the one there.
+
+  Raises:
+    ValueError: the workdir holds a run of a different configuration (other
+      than the fields in RESUMABLE_CHANGES); nothing in it is touched.
+  """
+  path = os.path.join(workdir, 'config.json')
+  new = config_to_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    cur = _flatten(json.loads(new))
+    diff = sorted(
+        k for k in set(old) | set(cur)
+        if old.get(k) != cur.get(k) and not any(
+            k == r or (r.endswith('.') and k.startswith(r))
+            for r in RESUMABLE_CHANGES))
+    if diff:
+      lines = '\n'.join(f'  {k}: {old.get(k)!r} in the workdir, '
+                        f'{cur.get(k)!r} now' for k in diff)
+      raise ValueError(
+          f'{workdir} holds a run with a different config; resuming it with '
+          f'this one would mix two experiments:\n{lines}\nUse a new --workdir, '
+          'or the workdir\'s own config.json. Only '
+          f'{", ".join(RESUMABLE_CHANGES)} may change on resume.')
+  if is_writer():
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(new + '\n')
+
+
+def _scalar(v):
+  """A Python int for integral values (byte counts stay exact), else float."""
+  v = np.asarray(v)
+  if np.issubdtype(v.dtype, np.integer):
+    return int(v)
+  return float(v)
+
+
+class MetricsLog:
+  """Writes metrics to metrics.jsonl and to clu's writers (TensorBoard)."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._writer = metric_writers.create_default_writer(
+        workdir, just_logging=not is_writer())
+
+  def write(self, round_idx: int, metrics: Mapping[str, Any]) -> None:
+    scalars = {k: _scalar(v) for k, v in metrics.items()}
+    self._writer.write_scalars(round_idx, scalars)
+    if is_writer():
+      with open(self._path, 'a') as f:
+        f.write(json.dumps({'round': round_idx, **scalars}) + '\n')
+
+  def write_images(self, round_idx: int, images: Mapping[str, np.ndarray]):
+    self._writer.write_images(round_idx, images)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The rows of a workdir's metrics.jsonl."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_round: int) -> None:
+  """Drops rows logged after `last_round` (they are recomputed on resume).
+
+  A run killed between a log and the next checkpoint leaves rows that the
+  resumed run writes again; this keeps one row per round.
+  """
+  if not is_writer():
+    return
+  rows = read_metrics(workdir)
+  kept = [r for r in rows if r['round'] <= last_round]
+  if len(kept) != len(rows):
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int = 3
+                       ) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           create=True))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
+  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, like,
+                       step: Optional[int] = None):
+  """Restores the checkpoint `step` (default: latest) shaped like `like`.
+
+  Returns (state, step), or (like, None) when there is no checkpoint.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return like, None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  return state, step
+
+
+def samples_dir(workdir: str) -> str:
+  path = os.path.join(workdir, 'samples')
+  if is_writer():
+    os.makedirs(path, exist_ok=True)
+  return path
+
+
+def all_files(workdir: str) -> Iterable[str]:
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      yield os.path.relpath(os.path.join(root, name), workdir)
