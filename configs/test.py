@@ -20,7 +20,7 @@ def get_config(arg=None):
   config.partition.classes_per_client = 5
   config.federation = ml_collections.ConfigDict(dict(
       num_clients=4, clients_per_round=3, local_steps=2, batch_size=4,
-      mode='vmap', chunk_size=0))
+      mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
       dropout=0.0, num_groups=4, num_classes=None))

@@ -6,6 +6,7 @@ optimizers, the federation's shape and the evaluators. The workdir follows
 the contract of `fedjax_diff.workdir`; running again resumes.
 """
 
+import dataclasses
 import inspect
 import os
 import time
@@ -45,7 +46,32 @@ def load_data(cfg: ml_collections.ConfigDict):
                                 **kwargs)
   test = data_lib.load_dataset(cfg.name, cfg.get('test_split', 'test'),
                                cfg.get('data_dir'), **kwargs)
+  if cfg.get('attribute_labels'):
+    names = tuple(cfg.attribute_labels)
+    train = attribute_labels(train, names)
+    test = attribute_labels(test, names)
   return train, test
+
+
+def attribute_labels(dataset: data_lib.Dataset,
+                     names: tuple[str, ...]) -> data_lib.Dataset:
+  """Relabels examples by binary attributes: label = Σ_i 2^i·attr_i.
+
+  FedPhD (arXiv 2507.06449) splits CelebA into 4 pseudo-classes by Male and
+  Young; ('Male', 'Young') gives 0 = female old, 1 = male old,
+  2 = female young, 3 = male young.
+  """
+  if not dataset.attributes:
+    raise ValueError(f'config.data.attribute_labels={names} but '
+                     f'{dataset.name} has no attributes.')
+  missing = [n for n in names if n not in dataset.attributes]
+  if missing:
+    raise ValueError(f'{dataset.name} has no attributes {missing}; it has '
+                     f'{sorted(dataset.attributes)}.')
+  labels = sum((np.asarray(dataset.attributes[n]).astype(np.int32) << i)
+               for i, n in enumerate(names))
+  return dataclasses.replace(dataset, labels=labels.astype(np.int32),
+                             num_classes=2 ** len(names))
 
 
 def partition(labels: np.ndarray, cfg: ml_collections.ConfigDict,
@@ -99,8 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   fed = config.federation
   seed = int(config.seed)
   mesh = federation.client_mesh()
-  log(f'Devices: {mesh.size} x {jax.devices()[0].platform}; '
-      f'execution mode {fed.mode!r}.')
+  log(f'Devices: {mesh.size} x {jax.devices()[0].platform}; execution mode '
+      f'{rounds.resolve_mode(fed.mode)!r} (config: {fed.mode!r}).')
 
   # Data, partition, per-client arrays on the mesh.
   train, test = load_data(config.data)

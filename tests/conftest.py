@@ -8,3 +8,12 @@ os.environ['XLA_FLAGS'] = (
     ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+# Several tests compile the same programs (each trainer run compiles its round
+# and evaluators again). A persistent compilation cache, shared by the test
+# session, compiles each once; set FEDJAX_TEST_CACHE= to disable.
+_cache = os.environ.get('FEDJAX_TEST_CACHE', '/tmp/fedjax_diff_test_jax_cache')
+if _cache:
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _cache)
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')

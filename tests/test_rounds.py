@@ -112,8 +112,9 @@ def reference_round(state, data, client_ids, client_opt_name='sgd'):
   updates, opt_state = SERVER_OPT.update(pseudo_grad, state.opt_state,
                                          state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: EMA * e + (1 - EMA) * p, state.ema_params,
-                     params)
+  decay = min(EMA, (1 + round_idx) / (10 + round_idx))  # EMA warmup.
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                     state.ema_params, params)
   loss = float(np.sum(weights * losses) / weights.sum())
   return state.replace(params=params, ema_params=ema, opt_state=opt_state,
                        round=state.round + 1), loss
@@ -230,6 +231,12 @@ def test_bad_mode_and_chunk_errors():
                          local_steps=1, batch_size=2, mode='pmap')
   with pytest.raises(ValueError, match='chunk_size'):
     rounds.chunk_size_for('chunked', 6, 4)
+
+
+def test_auto_mode():
+  assert rounds.resolve_mode('auto', 'cpu') == 'map'
+  assert rounds.resolve_mode('auto', 'gpu') == 'vmap'
+  assert rounds.resolve_mode('chunked', 'cpu') == 'chunked'
 
 
 def test_sample_clients_deterministic():
