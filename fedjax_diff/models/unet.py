@@ -80,8 +80,77 @@ def timestep_embedding(t: Array, dim: int) -> Array:
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
+CONV_IMPLS = ('xla', 'im2col')
+
+
+def im2col_conv_general_dilated(lhs, rhs, window_strides, padding,
+                                lhs_dilation=None, rhs_dilation=None,
+                                dimension_numbers=None, feature_group_count=1,
+                                precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` as image patches times a matrix (im2col).
+
+  Same result as the convolution (up to float rounding), computed as
+  `patches(x) @ W` with W the kernel reshaped to [kh·kw·C_in, C_out]. XLA's
+  CPU backend runs convolutions inside while loops on a slow path (jax issue
+  12868: measured here ~14× slower for the kernel gradient inside
+  `lax.scan`), and a client's local steps are such a loop; a matmul is not
+  affected. Only plain convolutions (no dilation, one feature group) take
+  this path; anything else falls back to `lax.conv_general_dilated`.
+  """
+  plain = (feature_group_count == 1 and not any(
+      d not in (None, 1) for dil in (lhs_dilation, rhs_dilation)
+      for d in (dil or ())))
+  if not plain:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  # Flax's Conv passes NHWC inputs and HWIO kernels.
+  kh, kw, cin, cout = rhs.shape
+  patches = _image_patches(lhs, kh, kw, tuple(window_strides), padding)
+  kernel = rhs.reshape(kh * kw * cin, cout).astype(patches.dtype)
+  return jnp.dot(patches, kernel, precision=precision,
+                 preferred_element_type=preferred_element_type)
+
+
+def _image_patches(x: Array, kh: int, kw: int, strides: tuple[int, int],
+                   padding) -> Array:
+  """[B, H', W', kh·kw·C] patches of NHWC `x`, features ordered (kh, kw, C).
+
+  Built from kh·kw strided slices of the padded input: data movement only,
+  so neither it nor its transpose is a convolution.
+  """
+  sh, sw = strides
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides,
+                                      padding)
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  out_h = (x.shape[1] - kh) // sh + 1
+  out_w = (x.shape[2] - kw) // sw + 1
+  cols = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def resolve_conv_impl(conv_impl: str, platform: Optional[str] = None) -> str:
+  """'auto' → 'im2col' on CPU (see `im2col_conv_general_dilated`), else
+  'xla' (cuDNN / TPU convolutions)."""
+  if conv_impl == 'auto':
+    platform = platform or jax.devices()[0].platform
+    return 'im2col' if platform == 'cpu' else 'xla'
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'Unknown conv_impl {conv_impl!r}; use one of '
+                     f"{CONV_IMPLS + ('auto',)}.")
+  return conv_impl
+
+
 def _conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1,
-          init_scale: float = 1.0, name: Optional[str] = None) -> nn.Conv:
+          init_scale: float = 1.0, name: Optional[str] = None,
+          conv_impl: str = 'xla') -> nn.Conv:
+  conv_fn = (im2col_conv_general_dilated if conv_impl == 'im2col' else
+             jax.lax.conv_general_dilated)
   return nn.Conv(
       features,
       (kernel, kernel),
@@ -91,6 +160,7 @@ def _conv(features: int, kernel: int, dtype: Dtype, *, stride: int = 1,
       param_dtype=jnp.float32,
       kernel_init=_default_init(init_scale),
       bias_init=nn.initializers.zeros,
+      conv_general_dilated=conv_fn,
       name=name)
 
 
@@ -122,19 +192,23 @@ class ResBlock(nn.Module):
   dropout: float
   num_groups: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, *, train: bool) -> Array:
     h = nn.swish(_norm(self.num_groups, self.dtype, name='norm1')(x))
-    h = _conv(self.out_ch, 3, self.dtype, name='conv1')(h)
+    h = _conv(self.out_ch, 3, self.dtype, name='conv1',
+              conv_impl=self.conv_impl)(h)
     h = h + _dense(self.out_ch, self.dtype, name='temb_proj')(
         nn.swish(temb))[:, None, None, :]
     h = nn.swish(_norm(self.num_groups, self.dtype, name='norm2')(h))
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_ch, 3, self.dtype, init_scale=0.0, name='conv2')(h)
+    h = _conv(self.out_ch, 3, self.dtype, init_scale=0.0, name='conv2',
+              conv_impl=self.conv_impl)(h)
     if x.shape[-1] != self.out_ch:
-      x = _conv(self.out_ch, 1, self.dtype, name='skip')(x)
+      x = _conv(self.out_ch, 1, self.dtype, name='skip',
+                conv_impl=self.conv_impl)(x)
     return x + h
 
 
@@ -142,40 +216,49 @@ class AttnBlock(nn.Module):
   """Single-head spatial self-attention with a residual connection."""
   num_groups: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, hgt, wid, c = x.shape
     h = _norm(self.num_groups, self.dtype, name='norm')(x)
-    q = _conv(c, 1, self.dtype, name='q')(h).reshape(b, hgt * wid, c)
-    k = _conv(c, 1, self.dtype, name='k')(h).reshape(b, hgt * wid, c)
-    v = _conv(c, 1, self.dtype, name='v')(h).reshape(b, hgt * wid, c)
+    q = _conv(c, 1, self.dtype, name='q',
+              conv_impl=self.conv_impl)(h).reshape(b, hgt * wid, c)
+    k = _conv(c, 1, self.dtype, name='k',
+              conv_impl=self.conv_impl)(h).reshape(b, hgt * wid, c)
+    v = _conv(c, 1, self.dtype, name='v',
+              conv_impl=self.conv_impl)(h).reshape(b, hgt * wid, c)
     logits = jnp.einsum('bqc,bkc->bqk', q, k,
                         preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1)
     h = jnp.einsum('bqk,bkc->bqc', weights.astype(self.dtype), v)
     h = h.reshape(b, hgt, wid, c)
-    h = _conv(c, 1, self.dtype, init_scale=0.0, name='proj_out')(h)
+    h = _conv(c, 1, self.dtype, init_scale=0.0, name='proj_out',
+              conv_impl=self.conv_impl)(h)
     return x + h
 
 
 class Downsample(nn.Module):
   """3x3 conv with stride 2 ('SAME' padding: pads 0 before, 1 after)."""
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return _conv(x.shape[-1], 3, self.dtype, stride=2, name='conv')(x)
+    return _conv(x.shape[-1], 3, self.dtype, stride=2, name='conv',
+                 conv_impl=self.conv_impl)(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, self.dtype, name='conv')(x)
+    return _conv(x.shape[-1], 3, self.dtype, name='conv',
+                 conv_impl=self.conv_impl)(x)
 
 
 class UNet(nn.Module):
@@ -200,6 +283,9 @@ class UNet(nn.Module):
       `ch_mult` (and `ch`).
     dtype: compute dtype; parameters are always float32 and the output is
       returned as float32.
+    conv_impl: 'xla' (lax.conv_general_dilated) or 'im2col' (patches times
+      a matrix; fast inside loops on CPU, see `im2col_conv_general_dilated`).
+      Both take the same parameters.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -210,6 +296,7 @@ class UNet(nn.Module):
   out_ch: Optional[int] = None
   num_groups: int = 32
   dtype: Dtype = jnp.float32
+  conv_impl: str = 'xla'
 
   def _check_config(self):
     if not self.ch_mult:
@@ -278,9 +365,10 @@ class UNet(nn.Module):
     num_levels = len(self.ch_mult)
     res_block = functools.partial(
         ResBlock, dropout=self.dropout, num_groups=self.num_groups,
-        dtype=self.dtype)
+        dtype=self.dtype, conv_impl=self.conv_impl)
     attn_block = functools.partial(
-        AttnBlock, num_groups=self.num_groups, dtype=self.dtype)
+        AttnBlock, num_groups=self.num_groups, dtype=self.dtype,
+        conv_impl=self.conv_impl)
 
     # Timestep (and label) embedding.
     temb = timestep_embedding(t, self.ch)
@@ -305,7 +393,8 @@ class UNet(nn.Module):
           'pass labels=None or set num_classes.')
 
     # Down path.
-    hs = [_conv(self.ch, 3, self.dtype, name='conv_in')(
+    hs = [_conv(self.ch, 3, self.dtype, name='conv_in',
+                conv_impl=self.conv_impl)(
         x.astype(self.dtype))]
     for i in range(num_levels):
       for j in range(self.num_res_blocks):
@@ -315,7 +404,8 @@ class UNet(nn.Module):
           h = attn_block(name=f'down_{i}_attn_{j}')(h)
         hs.append(h)
       if i != num_levels - 1:
-        hs.append(Downsample(self.dtype, name=f'down_{i}_downsample')(hs[-1]))
+        hs.append(Downsample(self.dtype, self.conv_impl,
+                             name=f'down_{i}_downsample')(hs[-1]))
 
     # Middle.
     h = hs[-1]
@@ -332,12 +422,14 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(name=f'up_{i}_attn_{j}')(h)
       if i != 0:
-        h = Upsample(self.dtype, name=f'up_{i}_upsample')(h)
+        h = Upsample(self.dtype, self.conv_impl,
+                     name=f'up_{i}_upsample')(h)
     assert not hs, len(hs)
 
     # Output.
     h = nn.swish(_norm(self.num_groups, self.dtype, name='norm_out')(h))
-    h = _conv(out_ch, 3, self.dtype, init_scale=0.0, name='conv_out')(h)
+    h = _conv(out_ch, 3, self.dtype, init_scale=0.0, name='conv_out',
+              conv_impl=self.conv_impl)(h)
     return h.astype(jnp.float32)
 
 
@@ -362,7 +454,8 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       dropout=float(cfg.dropout),
       num_classes=None if num_classes is None else int(num_classes),
       out_ch=None if out_ch is None else int(out_ch),
-      num_groups=int(cfg.get('num_groups', 32)))
+      num_groups=int(cfg.get('num_groups', 32)),
+      conv_impl=resolve_conv_impl(cfg.get('conv_impl', 'xla')))
 
 
 def count_params(params: PyTree) -> int:
