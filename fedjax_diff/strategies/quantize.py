@@ -186,6 +186,19 @@ def _scale(amax: jax.Array, factor) -> jax.Array:
   return jnp.asarray(amax, jnp.float32) * factor
 
 
+def _varying_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """Gives ``x`` the varying manual axes of ``ref`` (a no-op outside shard_map).
+
+  Inside ``jax.shard_map`` a loop carry must keep its type: an initial value
+  built from constants (invariant over the mesh axes) that the loop replaces
+  by a value computed from per-device data (varying) is a type error. Loop
+  inits here are cast to the axes of the data they are compared with.
+  """
+  want = jax.typeof(ref).manual_axis_type.varying
+  missing = tuple(sorted(want - jax.typeof(x).manual_axis_type.varying))
+  return lax.pcast(x, missing, to='varying') if missing else x
+
+
 def _safe(s: jax.Array) -> jax.Array:
   # A zero scale only comes from an all-zero group; dividing by 1 keeps it 0.
   return jnp.where(s > 0, s, jnp.ones_like(s))
@@ -231,8 +244,8 @@ def _search_scale(x: jax.Array, per_channel: bool,
     new = (jnp.where(better, err, best_err), jnp.where(better, s, best_s))
     return new, None
 
-  init = (jnp.full(amax.shape, jnp.inf, jnp.float32),
-          _scale(amax, _factors((1.0,), qmax)[0]))
+  init = (_varying_like(jnp.full(amax.shape, jnp.inf, jnp.float32), x),
+          _varying_like(_scale(amax, _factors((1.0,), qmax)[0]), x))
   (_, best_s), _ = lax.scan(body, init, _factors(config.ratios, qmax))
   return best_s
 
@@ -496,7 +509,10 @@ def calibrate_scales(delta: PyTree, global_params: PyTree,
     return c.at[j].set(c_j), best
 
   c0 = jnp.full((num_leaves,), _factors((1.0,), qmax)[0])
-  c, _ = lax.fori_loop(0, sweeps * num_leaves, leaf_step, (c0, loss(c0)))
+  loss0 = loss(c0)
+  # The factors become data-dependent in the loop: match the loss's axes.
+  c0 = _varying_like(c0, loss0)
+  c, _ = lax.fori_loop(0, sweeps * num_leaves, leaf_step, (c0, loss0))
   return treedef.unflatten(scales_for(c))
 
 

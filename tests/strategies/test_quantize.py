@@ -371,6 +371,37 @@ def test_jit_and_vmap_over_clients():
       np.testing.assert_allclose(a, b[i], rtol=1e-6)
 
 
+def test_searches_run_inside_shard_map():
+  """The scale searches' loops keep their carry types under shard_map, where
+  the update varies over the mesh axis and θ_global does not."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2,), ('c',), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  params, _, x = _mlp(1)
+  deltas = jax.tree.map(lambda *xs: jnp.concatenate(xs),
+                        *[jax.tree.map(lambda v: v[None], _mlp(2 + i)[1])
+                          for i in range(2)])
+  mse = Config(bits=4, granularity='per_channel', scale_method='mse')
+  cal = Config(bits=4, ratios=(1.0, 0.8, 0.6))
+
+  def per_device(d, g):
+    d = jax.tree.map(lambda v: v[0], d)
+    g = jax.tree.map(lambda v: jax.lax.pcast(v, ('c',), to='varying'), g)
+    out = (q_lib.compute_scales(d, mse),
+           q_lib.calibrate_scales(d, g, _mlp_apply, x, cal))
+    return jax.tree.map(lambda v: v[None], out)
+
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                  in_specs=(P('c'), P()), out_specs=P('c')))
+  got = sharded(deltas, params)
+  for i in range(2):
+    d = jax.tree.map(lambda v, i=i: v[i], deltas)
+    want = (q_lib.compute_scales(d, mse),
+            q_lib.calibrate_scales(d, params, _mlp_apply, x, cal))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_allclose(a, b[i], rtol=1e-6)
+
+
 def test_config_validation():
   for bad in (dict(bits=1), dict(bits=17), dict(granularity='per_row'),
               dict(rounding='up'), dict(scale_method='max'),
