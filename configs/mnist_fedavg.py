@@ -58,6 +58,26 @@ def get_config(arg=None):
       name='sgd', learning_rate=1.0))
   config.ema_decay = 0.9
 
+  # FedDM-prox (FedProx, arXiv 1812.06127): clients add mu·(θ − θ_global) to
+  # their raw gradients; 0 is FedAvg. See configs/mnist_prox.py.
+  config.prox_mu = 0.0
+  # FedDM-quant (arXiv 2407.14730): the upload path of client updates Δ.
+  # quantize_bits: 0 sends Δ in float32 (FedAvg); 8, 4 or 2 quantizes it
+  # (any of 2..16 works). granularity: 'per_tensor' | 'per_channel' (one
+  # scale per output channel). rounding: 'nearest' | 'stochastic'
+  # (unbiased). scale_method: 'minmax' | 'mse' (clipping ratio minimising
+  # ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style, arXiv 2211.15736: ratios
+  # minimising the error of ε on x_t that the client's model generates with
+  # calib_steps DDIM steps to t ≈ calib_t_frac·T, calib_batch images; costs
+  # ≈ calib_steps + 2 + leaves·11 UNet forward passes of calib_batch per
+  # client and round, see fedjax_diff/strategies/calibration.py).
+  # error_feedback: add each client's quantization residual to its next
+  # update (per-client state, checkpointed). See configs/mnist_quant.py.
+  config.upload = ml_collections.ConfigDict(dict(
+      quantize_bits=0, granularity='per_channel', rounding='stochastic',
+      scale_method='minmax', error_feedback=False, calib_batch=4,
+      calib_steps=4, calib_t_frac=0.4, calib_t_spread=0.05))
+
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),
       samples=dict(every_rounds=10, num_samples=100, method='ddim',

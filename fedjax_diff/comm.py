@@ -4,10 +4,19 @@ A message is serialized as the concatenation of its leaves' raw bytes in a
 fixed order (both ends know the shapes and dtypes from the model config), so a
 float32 tree of P parameters costs exactly 4·P bytes. Strategies that change
 what is sent (quantized or masked updates) report their own message sizes
-with the same convention.
+with the same convention (`strategies.upload.UploadTransform.wire_bytes`).
+
+Per round with K participating clients:
+
+    downlink = K · bytes(θ_global)      (float32 parameters to each client),
+    uplink   = K · bytes(message(Δ̂_k))  (the upload transform's wire size).
+
+Both are static: they depend on shapes and configs only, never on values.
+Padding slots of a round are not clients and send nothing.
 """
 
-from typing import Any
+import json
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -30,3 +39,88 @@ def fedavg_round_bytes(params: PyTree, num_clients: int) -> dict[str, int]:
   per_message = tree_bytes(params)
   return {'downlink_bytes': num_clients * per_message,
           'uplink_bytes': num_clients * per_message}
+
+
+def message_bytes(upload: Optional[Any], params: PyTree) -> int:
+  """Exact bytes of one client's upload, from the parameters' shapes/dtypes.
+
+  Args:
+    upload: a `strategies.upload.UploadTransform` (its `wire_bytes` is
+      called with `tree_bytes` as what follows its last stage); None is
+      FedAvg's raw update.
+    params: the parameters, or any tree of arrays / ShapeDtypeStructs with
+      their shapes and dtypes (e.g. `jax.eval_shape` of the init).
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        params)
+  if upload is None:
+    return tree_bytes(shapes)
+  return int(upload.wire_bytes(shapes, tree_bytes))
+
+
+def round_bytes(params: PyTree, num_clients: int,
+                upload: Optional[Any] = None) -> dict[str, int]:
+  """One round: θ down to each client, the upload transform's message up.
+
+  Args:
+    params: the global parameters (or their ShapeDtypeStructs).
+    num_clients: participating clients (not padding slots).
+    upload: a `strategies.upload.UploadTransform`; None is FedAvg's float32
+      update.
+
+  Returns:
+    {'downlink_bytes', 'uplink_bytes'} for all `num_clients` clients.
+  """
+  return {'downlink_bytes': num_clients * tree_bytes(params),
+          'uplink_bytes': num_clients * message_bytes(upload, params)}
+
+
+def run_summary(params: PyTree, num_rounds: int, clients_per_round: int,
+                upload: Optional[Any] = None) -> dict[str, Any]:
+  """Total traffic of a run of `num_rounds` rounds, and its uplink saving.
+
+  `uplink_compression_vs_fedavg_fp32` is FedAvg's float32 uplink divided by
+  this run's (8-bit quantization gives ≈ 4×); `uplink_fraction_of_fedavg_fp32`
+  its inverse.
+  """
+  per_round = round_bytes(params, clients_per_round, upload)
+  fedavg = fedavg_round_bytes(params, clients_per_round)
+  up = num_rounds * per_round['uplink_bytes']
+  down = num_rounds * per_round['downlink_bytes']
+  fedavg_up = num_rounds * fedavg['uplink_bytes']
+  return {
+      'rounds': int(num_rounds),
+      'clients_per_round': int(clients_per_round),
+      'upload': getattr(upload, 'name', 'fp32'),
+      'param_bytes': tree_bytes(params),
+      'uplink_bytes_per_client': per_round['uplink_bytes'] // max(
+          clients_per_round, 1),
+      'downlink_bytes_per_client': per_round['downlink_bytes'] // max(
+          clients_per_round, 1),
+      'total_uplink_bytes': up,
+      'total_downlink_bytes': down,
+      'total_bytes': up + down,
+      'fedavg_fp32_total_uplink_bytes': fedavg_up,
+      'uplink_compression_vs_fedavg_fp32': fedavg_up / up if up else float(
+          'inf'),
+      'uplink_fraction_of_fedavg_fp32': up / fedavg_up if fedavg_up else 0.0,
+  }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """A few human-readable lines of `run_summary`."""
+  mib = 2.0 ** 20
+  return (
+      f'Communication over {summary["rounds"]} rounds × '
+      f'{summary["clients_per_round"]} clients (upload: {summary["upload"]}):'
+      f'\n  uplink   {summary["total_uplink_bytes"] / mib:,.2f} MiB '
+      f'({summary["uplink_bytes_per_client"]:,} B per client and round), '
+      f'{summary["uplink_compression_vs_fedavg_fp32"]:.2f}× less than FedAvg '
+      'in fp32'
+      f'\n  downlink {summary["total_downlink_bytes"] / mib:,.2f} MiB '
+      f'({summary["downlink_bytes_per_client"]:,} B per client and round)'
+      f'\n  total    {summary["total_bytes"] / mib:,.2f} MiB')
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+  return json.dumps(summary, indent=2, sort_keys=True)
