@@ -6,11 +6,14 @@ A call of the round function does, on device and with no host round-trip:
    argument, never K copies);
 2. each client runs `local_steps` optimizer steps under `lax.scan` on batches
    drawn by index from its own on-device data;
-3. each client's update Δ_k = θ_k − θ_global is folded into the aggregator's
-   accumulator on its device, then reduced over the mesh (`psum`);
-4. the server optimizer applies the aggregate as the pseudo-gradient −Δ̄
+3. each client's update Δ_k = θ_k − θ_global goes through the upload
+   transform (`strategies.upload`; FedAvg: none), which returns the Δ̂_k the
+   server receives and the client's new persistent state;
+4. Δ̂_k is folded into the aggregator's accumulator on its device, then
+   reduced over the mesh (`psum`);
+5. the server optimizer applies the aggregate as the pseudo-gradient −Δ̄
    (`sgd(1.0)`: FedAvg, McMahan et al. 2017, arXiv 1602.05629);
-5. the EMA of the global parameters is updated (with decay warmup).
+6. the EMA of the global parameters is updated (with decay warmup).
 
 Client slots are sharded over the mesh axis `clients` with `shard_map`. Inside
 one device, clients run in chunks: a `lax.scan` over chunks, each chunk a
@@ -22,7 +25,15 @@ than one chunk of client models.
 
 Random numbers: round r uses `fold_in(state.rng, r)`, and client k's key is
 that folded with k's global id, so a client's training does not depend on the
-slot or device it lands on, nor on the number of devices.
+slot or device it lands on, nor on the number of devices. Its upload key is
+`fold_in(client_key, upload.UPLOAD_KEY_TAG)` (`upload_key`).
+
+Per-client state (`ServerState.client_states`, e.g. error-feedback
+residuals) has one row per client of the federation, sharded over `clients`
+like the client data. The round gathers the rows of its client ids, passes
+them through `shard_map` with the clients, and scatters the updated rows back
+for real clients only (mask > 0); padding slots write nothing. It is empty,
+and costs nothing, when the upload transform keeps no state.
 """
 
 import math
@@ -37,6 +48,7 @@ from fedjax_diff import federation
 from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies.aggregator import Aggregator
+from fedjax_diff.strategies import upload as upload_lib
 from fedjax_diff.strategies.fedavg import fedavg
 
 PyTree = Any
@@ -125,19 +137,19 @@ def _as_varying(tree, axis_name: str):
   return jax.tree.map(cast, tree)
 
 
-def make_client_update(loss_fn: LossFn,
-                       client_optimizer: optax.GradientTransformationExtraArgs,
-                       local_steps: int, batch_size: int,
-                       random_flip: bool = False):
+def make_local_training(loss_fn: LossFn,
+                        client_optimizer: optax.GradientTransformationExtraArgs,
+                        local_steps: int, batch_size: int,
+                        random_flip: bool = False):
   """Local training of one client: `local_steps` steps under `lax.scan`.
 
-  Returns `client_update(global_params, images, labels, count, key, round)
-  -> (delta, mean_loss)`, with `images` the client's uint8
+  Returns `train(global_params, images, labels, count, key, round)
+  -> (params, mean_loss)`, with `images` the client's uint8
   `[max_n, H, W, C]`. Keys: `order_key, train_key = split(key)`; step s uses
   `fold_in(train_key, s)` split into (flip, loss) keys.
   """
 
-  def client_update(global_params, images, labels, count, key, round_idx):
+  def train(global_params, images, labels, count, key, round_idx):
     order_key, train_key = jax.random.split(key)
     order = epoch_order(order_key, count, images.shape[0])
     opt_state = client_optimizer.init(global_params)
@@ -155,10 +167,41 @@ def make_client_update(loss_fn: LossFn,
 
     (params, _), losses = jax.lax.scan(step, (global_params, opt_state),
                                        jnp.arange(local_steps))
-    delta = jax.tree.map(jnp.subtract, params, global_params)
-    return delta, losses.mean()
+    return params, losses.mean()
+
+  return train
+
+
+def make_client_update(loss_fn: LossFn,
+                       client_optimizer: optax.GradientTransformationExtraArgs,
+                       local_steps: int, batch_size: int,
+                       random_flip: bool = False):
+  """`make_local_training` returning the update instead of the parameters.
+
+  Returns `client_update(global_params, images, labels, count, key, round)
+  -> (delta, mean_loss)`, Δ = θ_k − θ_global (see `make_local_training`
+  for the keys).
+  """
+  train = make_local_training(loss_fn, client_optimizer, local_steps,
+                              batch_size, random_flip)
+
+  def client_update(global_params, images, labels, count, key, round_idx):
+    params, loss = train(global_params, images, labels, count, key,
+                         round_idx)
+    return jax.tree.map(jnp.subtract, params, global_params), loss
 
   return client_update
+
+
+def upload_key(client_key: jax.Array) -> jax.Array:
+  """A client's upload key: `fold_in(client_key, upload.UPLOAD_KEY_TAG)`."""
+  return jax.random.fold_in(client_key, upload_lib.UPLOAD_KEY_TAG)
+
+
+def tree_norm(tree) -> jax.Array:
+  """‖tree‖₂ over all leaves, in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
 
 
 def make_round_fn(*, loss_fn: LossFn,
@@ -166,6 +209,7 @@ def make_round_fn(*, loss_fn: LossFn,
                   server_optimizer: optax.GradientTransformation,
                   mesh: Mesh, local_steps: int, batch_size: int,
                   aggregator: Optional[Aggregator] = None,
+                  upload: Optional[upload_lib.UploadTransform] = None,
                   mode: str = 'vmap', chunk_size: Optional[int] = None,
                   ema_decay: float = 0.9999, random_flip: bool = False,
                   donate: bool = True):
@@ -180,6 +224,10 @@ def make_round_fn(*, loss_fn: LossFn,
     local_steps: optimizer steps per client per round.
     batch_size: local batch size.
     aggregator: defaults to `fedavg()`.
+    upload: the upload transform applied to each client's Δ before
+      aggregation (`strategies.upload`); None sends Δ as is (FedAvg). When it
+      keeps client state, `state.client_states` must hold one row per client
+      of `data` (`fedjax_diff.state.init_client_states`).
     mode: 'vmap', 'map', 'chunked' (see the module docstring) or 'auto'
       (`resolve_mode`).
     chunk_size: clients per chunk for mode='chunked'.
@@ -193,19 +241,38 @@ def make_round_fn(*, loss_fn: LossFn,
     `data` is a `federation.ClientData` (sharded or not), `client_ids` int32
     `[slots]` global ids and `client_mask` float32 `[slots]` (0 = padding
     slot), with `slots` a multiple of the mesh size
-    (`federation.round_slots`). metrics: `loss` (example-weighted mean local
-    training loss), `client_losses` and `client_weights` per slot.
+    (`federation.round_slots`); the real clients' ids must be distinct.
+    metrics: `loss` (example-weighted mean local training loss), and per
+    slot `client_losses`, `client_weights`, `client_update_norms` (‖Δ_k‖,
+    the client's drift from θ_global) and, with an upload transform,
+    `client_upload_errors` (‖Δ̂_k − Δ_k‖).
   """
   aggregator = aggregator or fedavg()
   mode = resolve_mode(mode, mesh.devices.flat[0].platform)
   if mode not in MODES:
     raise ValueError(f'Unknown execution mode {mode!r}; use one of {MODES}.')
-  client_update = make_client_update(loss_fn, client_optimizer, local_steps,
-                                     batch_size, random_flip)
+  train = make_local_training(loss_fn, client_optimizer, local_steps,
+                              batch_size, random_flip)
   clients = federation.CLIENTS
 
+  def client_fn(global_params, images, labels, count, key, client_state,
+                round_idx):
+    """One client: local training, then the upload path."""
+    params, loss = train(global_params, images, labels, count, key, round_idx)
+    delta = jax.tree.map(jnp.subtract, params, global_params)
+    norm = tree_norm(delta)
+    if upload is None:
+      return delta, client_state, loss, norm, jnp.zeros_like(norm)
+    ctx = upload_lib.UploadContext(global_params=global_params, params=params,
+                                   labels=labels, count=count,
+                                   round=round_idx)
+    delta_hat, client_state = upload.apply(delta, client_state,
+                                           upload_key(key), ctx)
+    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
+    return delta_hat, client_state, loss, norm, err
+
   def device_block(global_params, images, labels, counts, keys, weights,
-                   round_idx):
+                   client_states, round_idx):
     """The clients of one device, chunk by chunk, then the mesh reduction."""
     per_device = counts.shape[0]
     c = chunk_size_for(mode, per_device, chunk_size)
@@ -216,25 +283,30 @@ def make_round_fn(*, loss_fn: LossFn,
     global_params = _as_varying(global_params, clients)
     chunked = jax.tree.map(
         lambda x: x.reshape((per_device // c, c) + x.shape[1:]),
-        (images, labels, counts, keys, weights))
-    vmapped = jax.vmap(client_update, in_axes=(None, 0, 0, 0, 0, None))
+        (images, labels, counts, keys, weights, client_states))
+    # θ_global is unmapped: one copy per device, shared by its clients.
+    vmapped = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, 0, 0, None))
 
     def body(acc, xs):
-      imgs, lbls, cnts, ks, ws = xs
-      deltas, losses = vmapped(global_params, imgs, lbls, cnts, ks, round_idx)
-      return aggregator.accumulate(acc, deltas, ws), losses
+      imgs, lbls, cnts, ks, ws, zs = xs
+      deltas, zs, losses, norms, errs = vmapped(global_params, imgs, lbls,
+                                                cnts, ks, zs, round_idx)
+      return aggregator.accumulate(acc, deltas, ws), (zs, losses, norms, errs)
 
     # The accumulator differs from device to device: it must be varying over
     # the mesh axis for the scan's carry types to match.
     acc0 = _as_varying(aggregator.init(global_params), clients)
-    acc, losses = jax.lax.scan(body, acc0, chunked)
-    return aggregator.finalize(acc, clients), losses.reshape(per_device)
+    acc, per_client = jax.lax.scan(body, acc0, chunked)
+    per_client = jax.tree.map(
+        lambda x: x.reshape((per_device,) + x.shape[2:]), per_client)
+    return (aggregator.finalize(acc, clients),) + per_client
 
   sharded_block = jax.shard_map(
       device_block, mesh=mesh,
       in_specs=(P(), P(clients), P(clients), P(clients), P(clients),
-                P(clients), P()),
-      out_specs=(P(), P(clients)))
+                P(clients), P(clients), P()),
+      out_specs=(P(), P(clients), P(clients), P(clients), P(clients)))
+  client_sharding = jax.sharding.NamedSharding(mesh, P(clients))
 
   def round_fn(state: ServerState, data: federation.ClientData,
                client_ids: jax.Array, client_mask: jax.Array):
@@ -242,14 +314,25 @@ def make_round_fn(*, loss_fn: LossFn,
       raise ValueError(
           f'{client_ids.shape[0]} client slots do not split over {mesh.size} '
           'devices; pad them with federation.round_slots.')
+    check_client_states(state.client_states, upload, state.params,
+                        data.num_clients)
     round_key = jax.random.fold_in(state.rng, state.round)
     keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(client_ids)
     images = data.images[client_ids]
     labels = data.labels[client_ids]
     counts = jnp.where(client_mask > 0, data.counts[client_ids], 0)
     weights = counts.astype(jnp.float32)
-    delta, losses = sharded_block(state.params, images, labels, counts, keys,
-                                  weights, state.round)
+    slot_states = jax.tree.map(lambda x: x[client_ids], state.client_states)
+    delta, slot_states, losses, norms, errs = sharded_block(
+        state.params, images, labels, counts, keys, weights, slot_states,
+        state.round)
+    # Scatter back the real clients' rows; padding slots (which repeat real
+    # ids) point past the end and are dropped.
+    rows = jnp.where(client_mask > 0, client_ids, data.num_clients)
+    client_states = jax.tree.map(
+        lambda full, new: jax.lax.with_sharding_constraint(
+            full.at[rows].set(new, mode='drop'), client_sharding),
+        state.client_states, slot_states)
     updates, opt_state = server_optimizer.update(
         jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -258,16 +341,44 @@ def make_round_fn(*, loss_fn: LossFn,
         ema_params=ema_lib.ema_update(
             state.ema_params, params, ema_decay_at(ema_decay, state.round)),
         opt_state=opt_state,
-        round=state.round + 1)
+        round=state.round + 1,
+        client_states=client_states)
     total = jnp.maximum(weights.sum(), 1.0)
     metrics = {
         'loss': jnp.sum(jnp.where(weights > 0, losses, 0) * weights) / total,
         'client_losses': losses,
         'client_weights': weights,
+        'client_update_norms': norms,
     }
+    if upload is not None:
+      metrics['client_upload_errors'] = errs
     return new_state, metrics
 
   return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+
+
+def check_client_states(client_states, upload, params, num_clients: int):
+  """Raises a ValueError unless `client_states` fits `upload` (trace time).
+
+  They fit when both are empty, or when `client_states` is
+  `upload.init_client_state(params)` with a leading axis of `num_clients`.
+  """
+  want = (jax.eval_shape(upload.init_client_state, params)
+          if upload is not None else ())
+  how = ('Build them with fedjax_diff.state.init_client_states(upload, '
+         'params, data.num_clients).')
+  if jax.tree.structure(client_states) != jax.tree.structure(want):
+    raise ValueError(
+        'state.client_states does not match the upload transform '
+        f'{getattr(upload, "name", None)!r}: got the tree '
+        f'{jax.tree.structure(client_states)}, expected '
+        f'{jax.tree.structure(want)}. {how}')
+  for got, one in zip(jax.tree.leaves(client_states), jax.tree.leaves(want)):
+    if tuple(got.shape) != (num_clients,) + tuple(one.shape):
+      raise ValueError(
+          f'state.client_states has a leaf of shape {tuple(got.shape)}; '
+          f'expected {(num_clients,) + tuple(one.shape)}: one row per client '
+          f'of the data ({num_clients}, padding included). {how}')
 
 
 def num_slots(clients_per_round: int, mesh: Mesh) -> int:

@@ -1,11 +1,14 @@
 """Server state of a federation: plain pytrees, jittable and checkpointable."""
 
-from typing import Any
+from typing import Any, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_diff import federation
 
 PyTree = Any
 
@@ -23,21 +26,88 @@ class ServerState:
     round: number of rounds completed (int32 scalar).
     rng: the run's base PRNG key (raw uint32[2]); round r uses
       `fold_in(rng, r)`, so a resumed run draws the same numbers.
+    client_states: state that each client keeps across rounds (e.g.
+      error-feedback residuals), every leaf with one row per client of the
+      federation on axis 0 (padding clients included, as in
+      `federation.ClientData`), sharded over the mesh axis `clients`. `()`
+      when no strategy keeps client state. In a real deployment each client
+      holds its own row; the simulation keeps them with the server state so
+      that they are checkpointed with it and a resumed run is bit for bit.
   """
   params: PyTree
   ema_params: PyTree
   opt_state: optax.OptState
   round: jax.Array
   rng: jax.Array
+  client_states: PyTree = ()
 
 
-def init_server_state(params: PyTree, server_optimizer: optax.GradientTransformation,
-                      rng: jax.Array) -> ServerState:
-  """Builds the round-0 state from initial parameters."""
+def init_server_state(params: PyTree,
+                      server_optimizer: optax.GradientTransformation,
+                      rng: jax.Array,
+                      client_states: PyTree = ()) -> ServerState:
+  """Builds the round-0 state from initial parameters.
+
+  Args:
+    params: the initial global parameters.
+    server_optimizer: the server optimizer (its state is initialised here).
+    rng: the run's base PRNG key.
+    client_states: from `init_client_states`; `()` when none are kept.
+  """
   return ServerState(
       params=params,
       ema_params=jax.tree.map(jnp.copy, params),
       opt_state=server_optimizer.init(params),
       round=jnp.zeros((), jnp.int32),
       rng=rng,
+      client_states=client_states,
   )
+
+
+def init_client_states(upload, params: PyTree, num_clients: int,
+                       mesh: Optional[Mesh] = None) -> PyTree:
+  """Every client's initial state, stacked on a leading axis of `num_clients`.
+
+  Args:
+    upload: a `strategies.upload.UploadTransform` or None (no state).
+    params: the initial parameters (for shapes).
+    num_clients: rows, i.e. `ClientData.num_clients` of the data the round
+      reads (padding clients included).
+    mesh: if given, the rows are created directly sharded over `clients`
+      (no device ever holds all of them); `num_clients` must then split
+      evenly over the mesh, as `federation.shard_client_data` ensures.
+
+  Returns:
+    The stacked states; `()` when `upload` is None or keeps no state.
+  """
+  if upload is None:
+    return ()
+  one = jax.eval_shape(upload.init_client_state, params)
+  if not jax.tree.leaves(one):
+    return one
+  if mesh is not None and num_clients % mesh.size:
+    raise ValueError(f'{num_clients} client rows do not split over '
+                     f'{mesh.size} devices; use ClientData.num_clients of '
+                     'data padded by federation.shard_client_data.')
+
+  def build(p):
+    return jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
+        upload.init_client_state(p))
+
+  shardings = (NamedSharding(mesh, P(federation.CLIENTS))
+               if mesh is not None else None)
+  return jax.jit(build, out_shardings=shardings)(params)
+
+
+def place_state(state: ServerState, mesh: Mesh) -> ServerState:
+  """Puts the state on `mesh`: replicated, but client_states over `clients`.
+
+  Do this once before the first round (the round returns its state placed
+  the same way, so it is not compiled for again).
+  """
+  client_states = state.client_states
+  state = federation.replicate(state.replace(client_states=()), mesh)
+  client_states = jax.device_put(
+      client_states, NamedSharding(mesh, P(federation.CLIENTS)))
+  return state.replace(client_states=client_states)
