@@ -2,8 +2,10 @@
 
 The config (see configs/mnist_fedavg.py for every field) names the data and
 its partition, the UNet, the diffusion schedule, the client and server
-optimizers, the federation's shape and the evaluators. The workdir follows
-the contract of `fedjax_diff.workdir`; running again resumes.
+optimizers, the strategies (FedDM-prox's `prox_mu`, FedDM-quant's `upload`),
+the federation's shape and the evaluators. The workdir follows the contract
+of `fedjax_diff.workdir`; running again resumes. At the end the run's exact
+communication is printed and written to summary.json.
 """
 
 import dataclasses
@@ -25,11 +27,13 @@ from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff import progress as progress_lib
 from fedjax_diff import rounds
+from fedjax_diff import state as state_lib
 from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.diffusion import make_schedule
 from fedjax_diff.state import init_server_state
 from fedjax_diff.state import ServerState
+from fedjax_diff.strategies import build as strategies_build
 
 
 def log(msg: str) -> None:
@@ -148,24 +152,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   params = jax.jit(lambda k: models.init_params(model, k, image_shape))(
       jax.random.key(seed, impl='rbg'))
   log(f'UNet: {models.count_params(params):,} parameters.')
+  # Shapes and dtypes only: what communication accounting needs (the arrays
+  # themselves may be donated to the first round).
+  param_shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   server_opt = optimizers.server_optimizer(config.server_optimizer)
-  client_opt = optimizers.client_optimizer(config.client_optimizer)
-  state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1))
+  client_opt = optimizers.client_optimizer(
+      config.client_optimizer,
+      extra=strategies_build.client_transforms(config))
+  upload = strategies_build.upload_from_config(
+      config, eps_fn=eps_fn, schedule=schedule, image_shape=image_shape,
+      num_classes=config.model.get('num_classes'))
+  client_states = state_lib.init_client_states(
+      upload, params, client_data.num_clients, mesh)
+  state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1),
+                            client_states)
+  state = state_lib.place_state(state, mesh)
 
-  # Resume.
+  # Resume (the checkpoint is restored onto the placement of `state`).
   manager = workdir_lib.checkpoint_manager(workdir)
   state, step = workdir_lib.restore_checkpoint(manager, state)
   start = int(state.round)
   if step is not None:
     log(f'Resumed from {workdir}/checkpoints at round {start}.')
     workdir_lib.truncate_metrics(workdir, start)
-  state = federation.replicate(state, mesh)
+  state = state_lib.place_state(state, mesh)
 
   round_fn = rounds.make_round_fn(
       loss_fn=make_loss_fn(eps_fn, schedule, config),
       client_optimizer=client_opt, server_optimizer=server_opt, mesh=mesh,
       local_steps=int(fed.local_steps), batch_size=int(fed.batch_size),
-      mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
+      upload=upload, mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
       ema_decay=float(config.ema_decay),
       random_flip=bool(config.data.get('random_flip', False)))
 
@@ -178,11 +195,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   num_rounds = int(config.num_rounds)
   per_round = int(fed.clients_per_round)
-  traffic = comm.fedavg_round_bytes(params, per_round)
+  traffic = comm.round_bytes(param_shapes, per_round, upload)
   examples_per_round = per_round * int(fed.local_steps) * int(fed.batch_size)
+  mu = float(config.get('prox_mu', 0.0) or 0.0)
   log(f'Rounds {start}..{num_rounds}: {per_round} of {fed.num_clients} '
       f'clients per round, {fed.local_steps} local steps of batch '
-      f'{fed.batch_size}; {traffic["uplink_bytes"] / 2**20:.2f} MiB up and '
+      f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}; upload '
+      f'{upload.name if upload else "fp32"}: '
+      f'{traffic["uplink_bytes"] / 2**20:.2f} MiB up and '
       f'{traffic["downlink_bytes"] / 2**20:.2f} MiB down per round.')
 
   def slots(round_idx):
@@ -215,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       t_last, r_last = now, done
       row.update({'loss': loss, **traffic, 'seconds': seconds,
                   'client_examples_per_second': examples_per_round / seconds})
+      row.update(client_figures(metrics))
       progress.update(done, f'loss {loss:.4f}')
     figures = {}
     for name, evaluator in evaluators.items():
@@ -233,4 +254,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       workdir_lib.save_checkpoint(manager, done, state)
   metrics_log.close()
   manager.close()
+  summary = comm.run_summary(param_shapes, num_rounds, per_round, upload)
+  log(comm.format_summary(summary))
+  workdir_lib.write_summary(workdir, summary)
   return state
+
+
+def client_figures(metrics) -> dict[str, float]:
+  """Example-weighted means over a round's real clients of their drift
+  ‖Δ_k‖ and, with an upload transform, of the relative upload error
+  ‖Δ̂_k − Δ_k‖ / ‖Δ_k‖."""
+  w = np.asarray(metrics['client_weights'], np.float64)
+  total = max(w.sum(), 1.0)
+  norms = np.asarray(metrics['client_update_norms'], np.float64)
+  out = {'client_drift': float(np.sum(np.where(w > 0, norms, 0) * w) / total)}
+  if 'client_upload_errors' in metrics:
+    errs = np.asarray(metrics['client_upload_errors'], np.float64)
+    rel = np.where(w > 0, errs / np.maximum(norms, 1e-30), 0)
+    out['upload_rel_error'] = float(np.sum(rel * w) / total)
+  return out

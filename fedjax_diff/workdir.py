@@ -3,6 +3,7 @@
 A workdir holds
 
     config.json       the resolved config of the run;
+    summary.json      the run's exact communication (written at the end);
     checkpoints/      Orbax checkpoints of the server state (enough to resume
                       bit for bit: params, EMA, optimizer state, round, RNG);
     metrics.jsonl     one JSON object per logged round;
@@ -14,6 +15,7 @@ process 0 writes files other than checkpoints, which Orbax writes
 collectively.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterable, Mapping, Optional
@@ -28,6 +30,25 @@ from clu import metric_writers
 # how long or how verbosely a run goes, not what it computes.
 RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
                      'checkpoint_every', 'eval.', 'progress_every_seconds')
+
+# Fields added after runs were already written, with the value that gives the
+# behaviour those runs had (FedAvg: no proximal term, float32 uploads). A
+# workdir whose config.json lacks one of them is read as holding this value,
+# so a FedAvg run from before resumes with today's default config, and one
+# resumed with e.g. --config.upload.quantize_bits=4 is refused. These are the
+# defaults of configs/mnist_fedavg.py (a test keeps them in sync).
+ADDED_FIELDS = {
+    'prox_mu': 0.0,
+    'upload.quantize_bits': 0,
+    'upload.granularity': 'per_channel',
+    'upload.rounding': 'stochastic',
+    'upload.scale_method': 'minmax',
+    'upload.error_feedback': False,
+    'upload.calib_batch': 4,
+    'upload.calib_steps': 4,
+    'upload.calib_t_frac': 0.4,
+    'upload.calib_t_spread': 0.05,
+}
 
 
 def is_writer() -> bool:
@@ -53,6 +74,9 @@ def check_and_write_config(workdir: str,
                            config: ml_collections.ConfigDict) -> None:
   """Writes config.json, or checks a resumed run against the one there.
 
+  The configs are compared field by field (flattened); a field missing from
+  the workdir's config.json that is in ADDED_FIELDS counts as that value.
+
   Raises:
     ValueError: the workdir holds a run of a different configuration (other
       than the fields in RESUMABLE_CHANGES); nothing in it is touched.
@@ -62,6 +86,7 @@ def check_and_write_config(workdir: str,
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
+    old = {**ADDED_FIELDS, **old}
     cur = _flatten(json.loads(new))
     diff = sorted(
         k for k in set(old) | set(cur)
@@ -80,6 +105,18 @@ def check_and_write_config(workdir: str,
     os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:
       f.write(new + '\n')
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+  """Writes summary.json (process 0 only)."""
+  if is_writer():
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      f.write(json.dumps(summary, indent=2, sort_keys=True) + '\n')
+
+
+def read_summary(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
 
 
 def _scalar(v):
@@ -156,14 +193,37 @@ def restore_checkpoint(manager: ocp.CheckpointManager, like,
                        step: Optional[int] = None):
   """Restores the checkpoint `step` (default: latest) shaped like `like`.
 
+  Arrays are restored with the shardings of `like`'s. A dataclass field of
+  `like` that holds no arrays (e.g. `ServerState.client_states == ()`) and
+  that a checkpoint written before the field existed lacks is taken from
+  `like`.
+
   Returns (state, step), or (like, None) when there is no checkpoint.
   """
   step = manager.latest_step() if step is None else step
   if step is None:
     return like, None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  return state, step
+  missing = _empty_fields_missing_on_disk(manager, step, abstract)
+  if not missing:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return state, step
+  present = {f.name: getattr(abstract, f.name)
+             for f in dataclasses.fields(abstract) if f.name not in missing}
+  restored = manager.restore(step, args=ocp.args.StandardRestore(present))
+  return like.replace(**restored), step
+
+
+def _empty_fields_missing_on_disk(manager, step, abstract) -> list[str]:
+  """Array-free dataclass fields of `abstract` absent from the checkpoint."""
+  if not dataclasses.is_dataclass(abstract):
+    return []
+  tree = getattr(manager.item_metadata(step), 'tree', None)
+  if not isinstance(tree, Mapping):
+    return []
+  return [f.name for f in dataclasses.fields(abstract)
+          if f.name not in tree and not jax.tree.leaves(
+              getattr(abstract, f.name))]
 
 
 def samples_dir(workdir: str) -> str:

@@ -311,7 +311,6 @@ def test_larger_mu_gives_smaller_client_drift(name, mus):
                      [ids])
     m = metrics[0]
     drifts.append(float(np.mean(m['client_update_norms'][:len(ids)])))
-  print(name, mus, drifts)
   assert all(a > b for a, b in zip(drifts, drifts[1:])), drifts
   assert drifts[-1] < 0.9 * drifts[0], drifts
 

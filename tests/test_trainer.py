@@ -30,7 +30,7 @@ def straight_run(tmp_path_factory):
 def test_workdir_contract(straight_run):
   workdir, state = straight_run
   files = set(workdir_lib.all_files(workdir))
-  assert 'config.json' in files
+  assert 'config.json' in files and 'summary.json' in files
   assert 'label_histogram.txt' in files and 'label_histogram.png' in files
   assert any(f.startswith('events.out.tfevents') for f in files)
   assert any(f.startswith('checkpoints/4/') for f in files)
@@ -51,7 +51,14 @@ def test_workdir_contract(straight_run):
       assert key in row and np.isfinite(row[key]), (key, row)
     # 3 clients per round, each receiving θ and sending Δ in float32.
     assert row['uplink_bytes'] == row['downlink_bytes'] == 3 * param_bytes
+    assert row['client_drift'] > 0 and 'upload_rel_error' not in row
   assert int(state.round) == 4
+  assert state.client_states == ()  # FedAvg keeps no client state.
+  summary = workdir_lib.read_summary(workdir)
+  assert summary['total_uplink_bytes'] == 4 * 3 * param_bytes
+  assert summary['total_bytes'] == 2 * 4 * 3 * param_bytes
+  assert summary['uplink_compression_vs_fedavg_fp32'] == 1.0
+  assert summary['upload'] == 'fp32'
 
 
 def test_resume_is_bit_for_bit(straight_run, tmp_path):
