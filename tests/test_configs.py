@@ -1,0 +1,117 @@
+"""The FedDM-prox / FedDM-quant configs, and workdirs from before them."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import celeba_fedavg
+from configs import celeba_prox
+from configs import cifar10_fedavg
+from configs import cifar10_quant
+from configs import mnist_fedavg
+from configs import mnist_prox
+from configs import mnist_quant
+from configs import test as test_config
+from fedjax_diff import workdir as workdir_lib
+from fedjax_diff.state import init_server_state
+
+
+def _flat(config):
+  return workdir_lib._flatten(json.loads(workdir_lib.config_to_json(config)))  # pylint: disable=protected-access
+
+
+def _changed(base, derived):
+  a, b = _flat(base), _flat(derived)
+  return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+@pytest.mark.parametrize('derived,base,changes', [
+    (mnist_prox.get_config(), mnist_fedavg.get_config(), {'prox_mu'}),
+    (celeba_prox.get_config(), celeba_fedavg.get_config(), {'prox_mu'}),
+    (mnist_quant.get_config('8'), mnist_fedavg.get_config(),
+     {'upload.quantize_bits'}),
+    (mnist_quant.get_config('4'), mnist_fedavg.get_config(),
+     {'upload.quantize_bits'}),
+    (mnist_quant.get_config('2'), mnist_fedavg.get_config(),
+     {'upload.quantize_bits'}),
+    (cifar10_quant.get_config('4'), cifar10_fedavg.get_config(),
+     {'upload.quantize_bits'}),
+])
+def test_strategy_configs_change_only_the_strategy(derived, base, changes):
+  """Same seed, budget, partition and model as the FedAvg baseline."""
+  assert _changed(base, derived) == changes
+
+
+def test_quant_config_argument():
+  assert mnist_quant.get_config().upload.quantize_bits == 8
+  assert mnist_quant.get_config('4').upload.quantize_bits == 4
+  assert cifar10_quant.get_config('2').upload.quantize_bits == 2
+  assert mnist_prox.get_config().prox_mu == 0.01
+  for bad in ('3', 'four', '16'):
+    with pytest.raises(ValueError, match='bit width'):
+      mnist_quant.get_config(bad)
+
+
+def test_every_config_has_the_strategy_fields():
+  """`--config.upload.quantize_bits=4` works from any config."""
+  for module in (mnist_fedavg, celeba_fedavg, cifar10_fedavg, test_config):
+    config = module.get_config()
+    config.upload.quantize_bits = 4
+    config.prox_mu = 0.01
+    assert config.upload.granularity == 'per_channel'
+
+
+def test_added_fields_are_the_reference_defaults():
+  flat = _flat(mnist_fedavg.get_config())
+  assert {k: flat[k] for k in workdir_lib.ADDED_FIELDS} == \
+      workdir_lib.ADDED_FIELDS
+  strategy_fields = {k for k in flat
+                     if k == 'prox_mu' or k.startswith('upload.')}
+  assert strategy_fields == set(workdir_lib.ADDED_FIELDS)
+
+
+def test_workdir_from_before_the_strategy_fields(tmp_path):
+  """An old config.json without prox_mu/upload: FedAvg resumes, a quantized
+  run in the same workdir is refused."""
+  old = json.loads(workdir_lib.config_to_json(test_config.get_config()))
+  del old['prox_mu']
+  del old['upload']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  config = test_config.get_config()
+  config.upload.quantize_bits = 4
+  with pytest.raises(ValueError,
+                     match=r'upload\.quantize_bits: 0 in the workdir, 4 now'):
+    workdir_lib.check_and_write_config(str(tmp_path), config)
+  config = test_config.get_config()
+  config.prox_mu = 0.01
+  with pytest.raises(ValueError, match=r'prox_mu: 0\.0 in the workdir'):
+    workdir_lib.check_and_write_config(str(tmp_path), config)
+  workdir_lib.check_and_write_config(str(tmp_path), test_config.get_config())
+  with open(os.path.join(tmp_path, 'config.json')) as f:
+    assert json.load(f)['upload']['quantize_bits'] == 0
+
+
+def test_checkpoint_from_before_client_states(tmp_path):
+  """A checkpoint written before ServerState.client_states existed restores
+  into a state that keeps no client state."""
+  params = {'w': jnp.arange(6.0).reshape(2, 3), 'b': jnp.ones(3)}
+  state = init_server_state(params, optax.sgd(1.0, momentum=0.9),
+                            jax.random.PRNGKey(0))
+  old = {k: getattr(state, k)
+         for k in ('params', 'ema_params', 'opt_state', 'round', 'rng')}
+  manager = workdir_lib.checkpoint_manager(str(tmp_path))
+  workdir_lib.save_checkpoint(manager, 3, old)
+  like = init_server_state(jax.tree.map(jnp.zeros_like, params),
+                           optax.sgd(1.0, momentum=0.9),
+                           jax.random.PRNGKey(1))
+  restored, step = workdir_lib.restore_checkpoint(manager, like)
+  manager.close()
+  assert step == 3 and restored.client_states == ()
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
