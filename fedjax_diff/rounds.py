@@ -28,9 +28,9 @@ that folded with k's global id, so a client's training does not depend on the
 slot or device it lands on, nor on the number of devices. Its upload key is
 `fold_in(client_key, upload.UPLOAD_KEY_TAG)` (`upload_key`).
 
-Per-client state (`ServerState.client_states`, e.g. error-feedback
-residuals) has one row per client of the federation, sharded over `clients`
-like the client data. The round gathers the rows of its client ids, passes
+Per-client state (`ServerState.client_states`, e.g. the upload path's
+error-feedback residuals under key 'upload') has one row per client of the
+federation, sharded over `clients` like the client data. The round gathers the rows of its client ids, passes
 them through `shard_map` with the clients, and scatters the updated rows back
 for real clients only (mask > 0); padding slots write nothing. It is empty,
 and costs nothing, when the upload transform keeps no state.
@@ -45,6 +45,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fedjax_diff import federation
+from fedjax_diff import state as state_lib
 from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies.aggregator import Aggregator
@@ -266,8 +267,13 @@ def make_round_fn(*, loss_fn: LossFn,
     ctx = upload_lib.UploadContext(global_params=global_params, params=params,
                                    labels=labels, count=count,
                                    round=round_idx)
-    delta_hat, client_state = upload.apply(delta, client_state,
-                                           upload_key(key), ctx)
+    # A stateless upload has no rows: its (leafless) state is rebuilt here.
+    z = client_state.get(state_lib.UPLOAD)
+    if z is None:
+      z = upload.init_client_state(params)
+    delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
+    if state_lib.UPLOAD in client_state:
+      client_state = {**client_state, state_lib.UPLOAD: z}
     err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
     return delta_hat, client_state, loss, norm, err
 
@@ -360,11 +366,13 @@ def make_round_fn(*, loss_fn: LossFn,
 def check_client_states(client_states, upload, params, num_clients: int):
   """Raises a ValueError unless `client_states` fits `upload` (trace time).
 
-  They fit when both are empty, or when `client_states` is
-  `upload.init_client_state(params)` with a leading axis of `num_clients`.
+  They fit when `client_states` is `{}` and the upload keeps no state, or
+  `{'upload': upload.init_client_state(params)}` with a leading axis of
+  `num_clients` on every leaf.
   """
-  want = (jax.eval_shape(upload.init_client_state, params)
-          if upload is not None else ())
+  one = (jax.eval_shape(upload.init_client_state, params)
+         if upload is not None else ())
+  want = {state_lib.UPLOAD: one} if jax.tree.leaves(one) else {}
   how = ('Build them with fedjax_diff.state.init_client_states(upload, '
          'params, data.num_clients).')
   if jax.tree.structure(client_states) != jax.tree.structure(want):

@@ -26,33 +26,41 @@ class ServerState:
     round: number of rounds completed (int32 scalar).
     rng: the run's base PRNG key (raw uint32[2]); round r uses
       `fold_in(rng, r)`, so a resumed run draws the same numbers.
-    client_states: state that each client keeps across rounds (e.g.
-      error-feedback residuals), every leaf with one row per client of the
-      federation on axis 0 (padding clients included, as in
-      `federation.ClientData`), sharded over the mesh axis `clients`. `()`
-      when no strategy keeps client state. In a real deployment each client
-      holds its own row; the simulation keeps them with the server state so
-      that they are checkpointed with it and a resumed run is bit for bit.
+    client_states: state that each client keeps across rounds, keyed by the
+      component that owns it: `'upload'` for the upload path (e.g.
+      error-feedback residuals); later client-side strategies add their own
+      key. Every leaf has one row per client of the federation on axis 0
+      (padding clients included, as in `federation.ClientData`) and is
+      sharded over the mesh axis `clients`. `{}` when no component keeps
+      client state, so FedAvg carries nothing. In a real deployment each
+      client holds its own rows; the simulation keeps them with the server
+      state so that they are checkpointed with it and a resumed run is bit
+      for bit.
   """
   params: PyTree
   ema_params: PyTree
   opt_state: optax.OptState
   round: jax.Array
   rng: jax.Array
-  client_states: PyTree = ()
+  client_states: dict[str, PyTree] = flax.struct.field(default_factory=dict)
+
+# The key of `ServerState.client_states` owned by the upload path.
+UPLOAD = 'upload'
 
 
 def init_server_state(params: PyTree,
                       server_optimizer: optax.GradientTransformation,
                       rng: jax.Array,
-                      client_states: PyTree = ()) -> ServerState:
+                      client_states: Optional[dict[str, PyTree]] = None
+                      ) -> ServerState:
   """Builds the round-0 state from initial parameters.
 
   Args:
     params: the initial global parameters.
     server_optimizer: the server optimizer (its state is initialised here).
     rng: the run's base PRNG key.
-    client_states: from `init_client_states`; `()` when none are kept.
+    client_states: from `init_client_states`; None or `{}` when none are
+      kept.
   """
   return ServerState(
       params=params,
@@ -60,7 +68,7 @@ def init_server_state(params: PyTree,
       opt_state=server_optimizer.init(params),
       round=jnp.zeros((), jnp.int32),
       rng=rng,
-      client_states=client_states,
+      client_states=dict(client_states or {}),
   )
 
 
@@ -78,22 +86,20 @@ def init_client_states(upload, params: PyTree, num_clients: int,
       evenly over the mesh, as `federation.shard_client_data` ensures.
 
   Returns:
-    The stacked states; `()` when `upload` is None or keeps no state.
+    `{'upload': rows}`, or `{}` when `upload` is None or keeps no state.
   """
-  if upload is None:
-    return ()
-  one = jax.eval_shape(upload.init_client_state, params)
-  if not jax.tree.leaves(one):
-    return one
+  if upload is None or not jax.tree.leaves(
+      jax.eval_shape(upload.init_client_state, params)):
+    return {}
   if mesh is not None and num_clients % mesh.size:
     raise ValueError(f'{num_clients} client rows do not split over '
                      f'{mesh.size} devices; use ClientData.num_clients of '
                      'data padded by federation.shard_client_data.')
 
   def build(p):
-    return jax.tree.map(
+    return {UPLOAD: jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
-        upload.init_client_state(p))
+        upload.init_client_state(p))}
 
   shardings = (NamedSharding(mesh, P(federation.CLIENTS))
                if mesh is not None else None)
@@ -107,7 +113,7 @@ def place_state(state: ServerState, mesh: Mesh) -> ServerState:
   the same way, so it is not compiled for again).
   """
   client_states = state.client_states
-  state = federation.replicate(state.replace(client_states=()), mesh)
+  state = federation.replicate(state.replace(client_states={}), mesh)
   client_states = jax.device_put(
       client_states, NamedSharding(mesh, P(federation.CLIENTS)))
   return state.replace(client_states=client_states)

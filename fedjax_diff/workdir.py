@@ -194,7 +194,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, like,
   """Restores the checkpoint `step` (default: latest) shaped like `like`.
 
   Arrays are restored with the shardings of `like`'s. A dataclass field of
-  `like` that holds no arrays (e.g. `ServerState.client_states == ()`) and
+  `like` that holds no arrays (e.g. `ServerState.client_states == {}`) and
   that a checkpoint written before the field existed lacks is taken from
   `like`.
 

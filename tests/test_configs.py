@@ -112,6 +112,6 @@ def test_checkpoint_from_before_client_states(tmp_path):
                            jax.random.PRNGKey(1))
   restored, step = workdir_lib.restore_checkpoint(manager, like)
   manager.close()
-  assert step == 3 and restored.client_states == ()
+  assert step == 3 and restored.client_states == {}
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)

@@ -170,7 +170,7 @@ def test_quantized_round_matches_python_loop(bits, granularity, rounding,
   real = m['client_weights'] > 0
   rel = m['client_upload_errors'][real] / m['client_update_norms'][real]
   assert np.all(rel > 0) and np.all(rel < {8: 0.02, 4: 0.3, 2: 1.0}[bits])
-  assert states[-1].client_states == ()
+  assert states[-1].client_states == {}
 
 
 def test_calibrated_round_matches_python_loop():
@@ -215,7 +215,7 @@ def test_error_feedback_residuals_persist_and_only_real_clients_change():
   data = make_data()
   mesh, round_fn = make_round(8, 'vmap', upload)
   state0 = start_state(upload, data, mesh)
-  assert state0.client_states['residual']['Conv_0']['kernel'].sharding.spec \
+  assert state0.client_states['upload']['residual']['Conv_0']['kernel'].sharding.spec \
       == jax.sharding.PartitionSpec(federation.CLIENTS)
   previous = jax.device_get(state0.client_states)  # state0 gets donated.
   states, _ = run(round_fn, state0, data, mesh)
@@ -237,7 +237,7 @@ def test_error_feedback_residuals_persist_and_only_real_clients_change():
     for cid in range(data.num_clients):
       row = jax.tree.map(lambda x, c=cid: x[c], state.client_states)
       if cid in ids:
-        assert_trees_close(row['residual'], residuals[cid], rtol=1e-4,
+        assert_trees_close(row['upload']['residual'], residuals[cid], rtol=1e-4,
                            atol=1e-7)
         assert any(np.any(x != 0) for x in jax.tree.leaves(row))
       else:

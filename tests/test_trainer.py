@@ -53,7 +53,7 @@ def test_workdir_contract(straight_run):
     assert row['uplink_bytes'] == row['downlink_bytes'] == 3 * param_bytes
     assert row['client_drift'] > 0 and 'upload_rel_error' not in row
   assert int(state.round) == 4
-  assert state.client_states == ()  # FedAvg keeps no client state.
+  assert state.client_states == {}  # FedAvg keeps no client state.
   summary = workdir_lib.read_summary(workdir)
   assert summary['total_uplink_bytes'] == 4 * 3 * param_bytes
   assert summary['total_bytes'] == 2 * 4 * 3 * param_bytes

@@ -54,7 +54,7 @@ def test_prox_and_quantized_run_resumes_bit_for_bit(tmp_path):
       param_bytes / upload_bytes)
   # One residual row per client (4, padded to 8 for 8 devices); padding
   # clients never train.
-  residual = jax.tree.leaves(state.client_states['residual'])
+  residual = jax.tree.leaves(state.client_states['upload']['residual'])
   assert all(r.shape[0] == 8 for r in residual)
   assert any(np.any(np.asarray(r)[:4] != 0) for r in residual)
   assert all(np.all(np.asarray(r)[4:] == 0) for r in residual)
