@@ -171,7 +171,8 @@ def error_feedback(inner: UploadTransform) -> UploadTransform:
   C = `quantizer(config)` this is `quantize.error_feedback_quantize`.
 
   The residual is float32 per client and per parameter: it lives in
-  `ServerState.client_states` (one row per client, sharded over the mesh).
+  `ServerState.client_states['upload']` (one row per client, sharded over
+  the mesh).
   The message is the inner compressor's.
   """
 
