@@ -36,7 +36,8 @@ def get_config(arg=None):
       mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-      dropout=0.1, num_groups=32, num_classes=None))
+      dropout=0.1, num_groups=32, num_classes=None,
+      conv_impl='auto'))
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-4, warmup_steps=100, grad_clip=1.0))
   config.ema_decay = 0.9999

@@ -46,7 +46,8 @@ def get_config(arg=None):
   # of batch 16 there); attention at 7×7 would cost 45% more time.
   config.model = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-      dropout=0.0, num_groups=8, num_classes=None))
+      dropout=0.0, num_groups=8, num_classes=None,
+      conv_impl='auto'))
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
 

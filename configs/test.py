@@ -23,7 +23,8 @@ def get_config(arg=None):
       mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-      dropout=0.0, num_groups=4, num_classes=None))
+      dropout=0.0, num_groups=4, num_classes=None,
+      conv_impl='auto'))
   config.diffusion.num_timesteps = 100
   config.client_optimizer.warmup_steps = 2
   config.evaluators = ml_collections.ConfigDict(dict(
