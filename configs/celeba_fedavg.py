@@ -16,6 +16,7 @@ measured yet.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import mnist_fedavg
 
@@ -25,7 +26,7 @@ def get_config(arg=None):
   config = mnist_fedavg.get_config()
   config.num_rounds = 2000
   config.data = ml_collections.ConfigDict(dict(
-      name='celeb_a', data_dir=None, image_size=64, random_flip=True,
+      name='celeb_a', data_dir=config_dict.placeholder(str), image_size=64, random_flip=True,
       test_split='test', attribute_labels=('Male', 'Young')))
   config.partition.method = 'shards'
   config.partition.classes_per_client = 1
@@ -35,7 +36,7 @@ def get_config(arg=None):
       mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2, 4), num_res_blocks=2,
-      attn_resolutions=(16,), dropout=0.1, num_groups=32, num_classes=None,
+      attn_resolutions=(16,), dropout=0.1, num_groups=32, num_classes=config_dict.placeholder(int),
       conv_impl='auto'))
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-5, warmup_steps=100, grad_clip=1.0))

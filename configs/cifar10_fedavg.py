@@ -17,6 +17,7 @@ per image). Results: not measured yet.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import mnist_fedavg
 
@@ -26,7 +27,7 @@ def get_config(arg=None):
   config = mnist_fedavg.get_config()
   config.num_rounds = 2000
   config.data = ml_collections.ConfigDict(dict(
-      name='cifar10', data_dir=None, image_size=None, random_flip=True,
+      name='cifar10', data_dir=config_dict.placeholder(str), image_size=config_dict.placeholder(int), random_flip=True,
       test_split='test'))
   config.partition.method = 'shards'
   config.partition.classes_per_client = 2
@@ -36,7 +37,7 @@ def get_config(arg=None):
       mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-      dropout=0.1, num_groups=32, num_classes=None,
+      dropout=0.1, num_groups=32, num_classes=config_dict.placeholder(int),
       conv_impl='auto'))
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-4, warmup_steps=100, grad_clip=1.0))

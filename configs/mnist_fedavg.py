@@ -16,6 +16,7 @@ This file is also the reference for every config field.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -27,7 +28,7 @@ def get_config(arg=None):
   # Data: a dataset name (embedded: digits, mnist5k; else a TFDS name) and
   # its TFDS data_dir; image_size resizes TFDS images (None: native).
   config.data = ml_collections.ConfigDict(dict(
-      name='mnist5k', data_dir=None, image_size=None, random_flip=False,
+      name='mnist5k', data_dir=config_dict.placeholder(str), image_size=config_dict.placeholder(int), random_flip=False,
       test_split='test'))
 
   # Partition over clients; fields a method does not take are ignored.
@@ -46,7 +47,7 @@ def get_config(arg=None):
   # of batch 16 there); attention at 7×7 would cost 45% more time.
   config.model = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-      dropout=0.0, num_groups=8, num_classes=None,
+      dropout=0.0, num_groups=8, num_classes=config_dict.placeholder(int),
       conv_impl='auto'))
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
@@ -82,7 +83,7 @@ def get_config(arg=None):
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),
       samples=dict(every_rounds=10, num_samples=100, method='ddim',
-                   num_steps=50, eta=0.0),
+                   num_steps=50, eta=0.0, guidance_scale=1.0),
   ))
   config.log_every = 1
   config.checkpoint_every = 5

@@ -7,6 +7,7 @@ Expected runtime: well under a minute on a CPU (mostly compilation).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import mnist_fedavg
 
@@ -23,7 +24,7 @@ def get_config(arg=None):
       mode='auto', chunk_size=0))
   config.model = ml_collections.ConfigDict(dict(
       ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-      dropout=0.0, num_groups=4, num_classes=None,
+      dropout=0.0, num_groups=4, num_classes=config_dict.placeholder(int),
       conv_impl='auto'))
   config.diffusion.num_timesteps = 100
   config.client_optimizer.warmup_steps = 2
