@@ -205,6 +205,46 @@ def tree_norm(tree) -> jax.Array:
                       for x in jax.tree.leaves(tree)))
 
 
+def make_client_fn(train, upload: Optional[upload_lib.UploadTransform]):
+  """One client of a round: local training from `start_params`, then upload.
+
+  Shared by the flat round (`make_round_fn`, where `start_params` is
+  θ_global) and the hierarchical one (`fedjax_diff.hierarchy`, where it is
+  the client's edge model).
+
+  Args:
+    train: from `make_local_training`.
+    upload: the upload transform, or None (Δ is sent as is).
+
+  Returns:
+    `client_fn(start_params, images, labels, count, key, client_state,
+    round) -> (delta_hat, client_state, loss, ‖Δ‖, ‖Δ̂ − Δ‖)` with
+    Δ = θ_k − start_params.
+  """
+
+  def client_fn(start_params, images, labels, count, key, client_state,
+                round_idx):
+    params, loss = train(start_params, images, labels, count, key, round_idx)
+    delta = jax.tree.map(jnp.subtract, params, start_params)
+    norm = tree_norm(delta)
+    if upload is None:
+      return delta, client_state, loss, norm, jnp.zeros_like(norm)
+    ctx = upload_lib.UploadContext(global_params=start_params, params=params,
+                                   labels=labels, count=count,
+                                   round=round_idx)
+    # A stateless upload has no rows: its (leafless) state is rebuilt here.
+    z = client_state.get(state_lib.UPLOAD)
+    if z is None:
+      z = upload.init_client_state(params)
+    delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
+    if state_lib.UPLOAD in client_state:
+      client_state = {**client_state, state_lib.UPLOAD: z}
+    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
+    return delta_hat, client_state, loss, norm, err
+
+  return client_fn
+
+
 def make_round_fn(*, loss_fn: LossFn,
                   client_optimizer: optax.GradientTransformationExtraArgs,
                   server_optimizer: optax.GradientTransformation,
@@ -256,26 +296,7 @@ def make_round_fn(*, loss_fn: LossFn,
                               batch_size, random_flip)
   clients = federation.CLIENTS
 
-  def client_fn(global_params, images, labels, count, key, client_state,
-                round_idx):
-    """One client: local training, then the upload path."""
-    params, loss = train(global_params, images, labels, count, key, round_idx)
-    delta = jax.tree.map(jnp.subtract, params, global_params)
-    norm = tree_norm(delta)
-    if upload is None:
-      return delta, client_state, loss, norm, jnp.zeros_like(norm)
-    ctx = upload_lib.UploadContext(global_params=global_params, params=params,
-                                   labels=labels, count=count,
-                                   round=round_idx)
-    # A stateless upload has no rows: its (leafless) state is rebuilt here.
-    z = client_state.get(state_lib.UPLOAD)
-    if z is None:
-      z = upload.init_client_state(params)
-    delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
-    if state_lib.UPLOAD in client_state:
-      client_state = {**client_state, state_lib.UPLOAD: z}
-    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
-    return delta_hat, client_state, loss, norm, err
+  client_fn = make_client_fn(train, upload)
 
   def device_block(global_params, images, labels, counts, keys, weights,
                    client_states, round_idx):

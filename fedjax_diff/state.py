@@ -36,6 +36,9 @@ class ServerState:
       client holds its own rows; the simulation keeps them with the server
       state so that they are checkpointed with it and a resumed run is bit
       for bit.
+    edges: the edge servers of a hierarchy
+      (`strategies.hierarchical.EdgeState`: E edge models, their label
+      statistics), replicated like `params`; None for a flat federation.
   """
   params: PyTree
   ema_params: PyTree
@@ -43,6 +46,7 @@ class ServerState:
   round: jax.Array
   rng: jax.Array
   client_states: dict[str, PyTree] = flax.struct.field(default_factory=dict)
+  edges: Optional[PyTree] = None
 
 # The key of `ServerState.client_states` owned by the upload path.
 UPLOAD = 'upload'
@@ -51,8 +55,8 @@ UPLOAD = 'upload'
 def init_server_state(params: PyTree,
                       server_optimizer: optax.GradientTransformation,
                       rng: jax.Array,
-                      client_states: Optional[dict[str, PyTree]] = None
-                      ) -> ServerState:
+                      client_states: Optional[dict[str, PyTree]] = None,
+                      edges: Optional[PyTree] = None) -> ServerState:
   """Builds the round-0 state from initial parameters.
 
   Args:
@@ -61,6 +65,8 @@ def init_server_state(params: PyTree,
     rng: the run's base PRNG key.
     client_states: from `init_client_states`; None or `{}` when none are
       kept.
+    edges: from `strategies.hierarchical.init_edge_state` for a hierarchy;
+      None for a flat federation.
   """
   return ServerState(
       params=params,
@@ -69,6 +75,7 @@ def init_server_state(params: PyTree,
       round=jnp.zeros((), jnp.int32),
       rng=rng,
       client_states=dict(client_states or {}),
+      edges=edges,
   )
 
 
