@@ -124,3 +124,28 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def summary_json(summary: dict[str, Any]) -> str:
   return json.dumps(summary, indent=2, sort_keys=True)
+
+
+def model_upload_bytes(params: PyTree, num_clients: int) -> int:
+  """A one-time upload of every client's whole float32 model (FedDDPM's
+  phase 1, arXiv 2503.06426): `num_clients · bytes(θ)`."""
+  return int(num_clients) * tree_bytes(params)
+
+
+def with_one_time_upload(summary: dict[str, Any],
+                         upload_bytes: int) -> dict[str, Any]:
+  """`run_summary` plus a one-time uplink message (e.g. FedDDPM's model
+  upload): its bytes go into the run's uplink and total, the compression
+  figures are recomputed, and `one_time_uplink_bytes` names them."""
+  out = dict(summary)
+  up = summary['total_uplink_bytes'] + int(upload_bytes)
+  fedavg_up = summary['fedavg_fp32_total_uplink_bytes']
+  out.update({
+      'one_time_uplink_bytes': int(upload_bytes),
+      'total_uplink_bytes': up,
+      'total_bytes': up + summary['total_downlink_bytes'],
+      'uplink_compression_vs_fedavg_fp32': fedavg_up / up if up else float(
+          'inf'),
+      'uplink_fraction_of_fedavg_fp32': up / fedavg_up if fedavg_up else 0.0,
+  })
+  return out

@@ -22,6 +22,7 @@ import numpy as np
 from fedjax_diff import comm
 from fedjax_diff import data as data_lib
 from fedjax_diff import evaluators as evaluators_lib
+from fedjax_diff import fedddpm as fedddpm_lib
 from fedjax_diff import federation
 from fedjax_diff import models
 from fedjax_diff import optimizers
@@ -210,6 +211,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     round_idx)
     return federation.round_slots(ids, mesh.size)
 
+  # FedDDPM / FedDDPM+ (arXiv 2503.06426): phase 1 and the auxiliary set
+  # (cached in the workdir), then a server step after each aggregation.
+  aux = None
+  if fedddpm_lib.enabled(config):
+    aux = fedddpm_lib.FedDDPM(
+        config, workdir, mesh=mesh, client_data=client_data,
+        num_real_clients=len(parts), eps_fn=eps_fn, schedule=schedule,
+        loss_fn=make_loss_fn(eps_fn, schedule, config),
+        image_shape=image_shape, param_shapes=param_shapes)
+    aux.prepare(params)
+    aux.resume(workdir_lib.read_metrics(workdir))
+
   if start < num_rounds:
     t = time.perf_counter()
     round_fn = round_fn.lower(state, client_data, *slots(start)).compile()
@@ -223,6 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     state, metrics = round_fn(state, client_data, *slots(r))
     done = r + 1
     row = {}
+    if aux is not None:
+      state, aux_row = aux.after_round(state, done)
+      row.update(aux_row)
     if done % log_every == 0 or done == num_rounds:
       loss = float(metrics['loss'])
       if not np.isfinite(loss):
@@ -255,6 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   metrics_log.close()
   manager.close()
   summary = comm.run_summary(param_shapes, num_rounds, per_round, upload)
+  if aux is not None:
+    summary = aux.summary_update(summary, num_rounds)
   log(comm.format_summary(summary))
   workdir_lib.write_summary(workdir, summary)
   return state
