@@ -175,10 +175,76 @@ def _dense(features: int, dtype: Dtype, *, init_scale: float = 1.0,
       name=name)
 
 
-def _norm(num_groups: int, dtype: Dtype,
-          name: Optional[str] = None) -> nn.GroupNorm:
+def _norm(num_groups: int, dtype: Dtype, name: Optional[str] = None,
+          channel_masks: bool = False) -> nn.Module:
+  if channel_masks:
+    return LiveGroupNorm(num_groups=num_groups, dtype=dtype, name=name)
   return nn.GroupNorm(
       num_groups=num_groups, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+# The variable collection that holds channel masks (see `LiveGroupNorm`).
+CHANNEL_MASKS = 'channel_masks'
+
+
+def _live_mask(module: nn.Module, channels: int) -> Array:
+  if not module.has_variable(CHANNEL_MASKS, 'live'):
+    raise ValueError(
+        f'{module.name}: the UNet was built with channel_masks=True, so '
+        f"apply needs the {CHANNEL_MASKS!r} collection (built by "
+        'fedjax_diff.models.compact.live_masks from pruning masks).')
+  live = module.get_variable(CHANNEL_MASKS, 'live')
+  if live.shape != (channels,):
+    raise ValueError(f'{module.name}: live mask of shape {live.shape} for '
+                     f'{channels} channels.')
+  return live
+
+
+class LiveGroupNorm(nn.Module):
+  """GroupNorm over the live channels of a channel-masked tensor.
+
+  A masked UNet (structured pruning, `fedjax_diff.strategies.pruning`)
+  keeps all C channels with the pruned ones at zero. To behave exactly like
+  the physically smaller UNet that `models.compact` builds, a GroupNorm must
+  see only the K live channels: with m ∈ {0,1}^C (`live`, from the
+  'channel_masks' collection) and r_c = Σ_{c'≤c} m_c' − 1 the rank of a live
+  channel, live channel c belongs to group ⌊r_c·G/K⌋ (K a multiple of G, so
+  each group has K/G channels in their original order, as in the compact
+  model), and
+
+      y_c = m_c · ((x_c − μ_g) / sqrt(σ²_g + ε) · γ_c + β_c),
+
+  with μ_g, σ²_g the mean and variance over the live channels of group g
+  (GroupNorm: Wu & He 2018, arXiv 1803.08494). Parameters are named and
+  shaped as in `nn.GroupNorm` ('scale', 'bias').
+  """
+  num_groups: int
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    live = _live_mask(self, c).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(live), 1.0)
+    rank = jnp.cumsum(live) - 1.0
+    group = jnp.floor(rank * self.num_groups / count)
+    assign = live[:, None] * (group[:, None] == jnp.arange(
+        self.num_groups, dtype=jnp.float32)[None, :])  # [C, G]
+    x32 = x.astype(jnp.float32)
+    n = count / self.num_groups * x.shape[1] * x.shape[2]
+    hi = jax.lax.Precision.HIGHEST
+    mean = jnp.einsum('bhwc,cg->bg', x32, assign, precision=hi) / n
+    sq = jnp.einsum('bhwc,cg->bg', x32 * x32, assign, precision=hi) / n
+    var = jnp.maximum(sq - mean * mean, 0.0)
+    mean_c = jnp.einsum('bg,cg->bc', mean, assign, precision=hi)
+    inv_c = jnp.einsum('bg,cg->bc', jax.lax.rsqrt(var + self.epsilon),
+                       assign, precision=hi)
+    y = ((x32 - mean_c[:, None, None, :]) * inv_c[:, None, None, :] * scale
+         + bias) * live
+    return y.astype(self.dtype)
 
 
 class ResBlock(nn.Module):
@@ -193,20 +259,32 @@ class ResBlock(nn.Module):
   num_groups: int
   dtype: Dtype = jnp.float32
   conv_impl: str = 'xla'
+  # None: a 1x1 skip conv iff the width changes. A pruned (compact) UNet
+  # passes the unpruned architecture's answer.
+  skip: Optional[bool] = None
+  channel_masks: bool = False
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, *, train: bool) -> Array:
-    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm1')(x))
+    norm = functools.partial(_norm, self.num_groups, self.dtype,
+                             channel_masks=self.channel_masks)
+    h = nn.swish(norm(name='norm1')(x))
     h = _conv(self.out_ch, 3, self.dtype, name='conv1',
               conv_impl=self.conv_impl)(h)
     h = h + _dense(self.out_ch, self.dtype, name='temb_proj')(
         nn.swish(temb))[:, None, None, :]
-    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm2')(h))
+    h = nn.swish(norm(name='norm2')(h))
     if self.dropout > 0:
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_ch, 3, self.dtype, init_scale=0.0, name='conv2',
               conv_impl=self.conv_impl)(h)
-    if x.shape[-1] != self.out_ch:
+    skip = x.shape[-1] != self.out_ch if self.skip is None else self.skip
+    if not skip and x.shape[-1] != self.out_ch:
+      raise ValueError(
+          f'{self.name}: no skip conv but the width changes from '
+          f'{x.shape[-1]} to {self.out_ch}; a pruned UNet must keep one '
+          'width along a residual stream (see UNet.level_widths).')
+    if skip:
       x = _conv(self.out_ch, 1, self.dtype, name='skip',
                 conv_impl=self.conv_impl)(x)
     return x + h
@@ -217,11 +295,16 @@ class AttnBlock(nn.Module):
   num_groups: int
   dtype: Dtype = jnp.float32
   conv_impl: str = 'xla'
+  channel_masks: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, hgt, wid, c = x.shape
-    h = _norm(self.num_groups, self.dtype, name='norm')(x)
+    h = _norm(self.num_groups, self.dtype, name='norm',
+              channel_masks=self.channel_masks)(x)
+    # The logit scale is 1/sqrt(width); a masked block uses its live width,
+    # which is the width of the compact model's block.
+    width = jnp.sum(_live_mask(self, c)) if self.channel_masks else c
     q = _conv(c, 1, self.dtype, name='q',
               conv_impl=self.conv_impl)(h).reshape(b, hgt * wid, c)
     k = _conv(c, 1, self.dtype, name='k',
@@ -230,7 +313,7 @@ class AttnBlock(nn.Module):
               conv_impl=self.conv_impl)(h).reshape(b, hgt * wid, c)
     logits = jnp.einsum('bqc,bkc->bqk', q, k,
                         preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1)
+    weights = jax.nn.softmax(logits * (width ** -0.5), axis=-1)
     h = jnp.einsum('bqk,bkc->bqc', weights.astype(self.dtype), v)
     h = h.reshape(b, hgt, wid, c)
     h = _conv(c, 1, self.dtype, init_scale=0.0, name='proj_out',
@@ -286,6 +369,17 @@ class UNet(nn.Module):
     conv_impl: 'xla' (lax.conv_general_dilated) or 'im2col' (patches times
       a matrix; fast inside loops on CPU, see `im2col_conv_general_dilated`).
       Both take the same parameters.
+    level_widths: actual channel width of each level's residual blocks
+      (their streams and inner channels); None means `ch * ch_mult[i]`. Set
+      by structured pruning (`models.compact`): `ch`, `ch_mult` keep
+      describing the unpruned architecture (which blocks have a 1x1 skip
+      conv), these fields the widths that remain.
+    stem_width: width of `conv_in`'s output; None means `ch`.
+    temb_width: width of the time-embedding MLP; None means `4 * ch`.
+    channel_masks: GroupNorms and attention read live-channel masks from
+      the 'channel_masks' collection, so that a masked (pruned but not
+      compacted) UNet computes exactly what its compact model does (see
+      `LiveGroupNorm`).
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -297,6 +391,25 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   conv_impl: str = 'xla'
+  level_widths: Optional[Sequence[int]] = None
+  stem_width: Optional[int] = None
+  temb_width: Optional[int] = None
+  channel_masks: bool = False
+
+  def _widths(self) -> tuple[int, tuple[int, ...], int]:
+    """(stem width, per-level widths, time-embedding width) in use."""
+    levels = (tuple(self.level_widths) if self.level_widths is not None else
+              tuple(self.ch * m for m in self.ch_mult))
+    if len(levels) != len(self.ch_mult):
+      raise ValueError(
+          f'UNet.level_widths={levels} must have one width per level '
+          f'(ch_mult={tuple(self.ch_mult)}).')
+    stem = self.stem_width if self.stem_width is not None else self.ch
+    temb = self.temb_width if self.temb_width is not None else 4 * self.ch
+    if min(levels + (stem, temb)) < 1:
+      raise ValueError(f'UNet widths must be >= 1, got stem={stem}, '
+                       f'levels={levels}, temb={temb}.')
+    return stem, levels, temb
 
   def _check_config(self):
     if not self.ch_mult:
@@ -305,7 +418,9 @@ class UNet(nn.Module):
       raise ValueError(
           f'UNet.ch must be even and >= 4 (it is also the sinusoidal timestep '
           f'embedding size), got ch={self.ch}.')
-    widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+    stem, levels, _ = self._widths()
+    widths = sorted({self.ch, stem} | {self.ch * m for m in self.ch_mult}
+                    | set(levels))
     bad = [w for w in widths if w % self.num_groups]
     if bad:
       raise ValueError(
@@ -363,17 +478,22 @@ class UNet(nn.Module):
           f'Expected timesteps of shape ({batch},), got {t.shape}.')
     out_ch = self.out_ch if self.out_ch is not None else x.shape[-1]
     num_levels = len(self.ch_mult)
+    stem_width, level_widths, temb_width = self._widths()
     res_block = functools.partial(
         ResBlock, dropout=self.dropout, num_groups=self.num_groups,
-        dtype=self.dtype, conv_impl=self.conv_impl)
+        dtype=self.dtype, conv_impl=self.conv_impl,
+        channel_masks=self.channel_masks)
     attn_block = functools.partial(
         AttnBlock, num_groups=self.num_groups, dtype=self.dtype,
-        conv_impl=self.conv_impl)
+        conv_impl=self.conv_impl, channel_masks=self.channel_masks)
+    # Widths of the unpruned architecture: they decide which residual
+    # blocks have a 1x1 skip conv (the width changes).
+    orig = [self.ch * m for m in self.ch_mult]
 
     # Timestep (and label) embedding.
     temb = timestep_embedding(t, self.ch)
-    temb = _dense(self.ch * 4, self.dtype, name='temb_dense0')(temb)
-    temb = _dense(self.ch * 4, self.dtype, name='temb_dense1')(nn.swish(temb))
+    temb = _dense(temb_width, self.dtype, name='temb_dense0')(temb)
+    temb = _dense(temb_width, self.dtype, name='temb_dense1')(nn.swish(temb))
     if self.num_classes is not None:
       if labels is None:
         labels = jnp.full((batch,), self.num_classes, jnp.int32)
@@ -383,7 +503,7 @@ class UNet(nn.Module):
             f'Expected labels of shape ({batch},), got {labels.shape}.')
       temb = temb + nn.Embed(
           self.num_classes + 1,
-          self.ch * 4,
+          temb_width,
           dtype=self.dtype,
           param_dtype=jnp.float32,
           name='label_embed')(labels)
@@ -393,32 +513,40 @@ class UNet(nn.Module):
           'pass labels=None or set num_classes.')
 
     # Down path.
-    hs = [_conv(self.ch, 3, self.dtype, name='conv_in',
+    hs = [_conv(stem_width, 3, self.dtype, name='conv_in',
                 conv_impl=self.conv_impl)(
         x.astype(self.dtype))]
+    hs_orig = [self.ch]
     for i in range(num_levels):
       for j in range(self.num_res_blocks):
-        h = res_block(self.ch * self.ch_mult[i], name=f'down_{i}_res_{j}')(
-            hs[-1], temb, train=train)
+        h = res_block(level_widths[i], skip=hs_orig[-1] != orig[i],
+                      name=f'down_{i}_res_{j}')(hs[-1], temb, train=train)
+        hs_orig.append(orig[i])
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(name=f'down_{i}_attn_{j}')(h)
         hs.append(h)
       if i != num_levels - 1:
         hs.append(Downsample(self.dtype, self.conv_impl,
                              name=f'down_{i}_downsample')(hs[-1]))
+        hs_orig.append(hs_orig[-1])
 
     # Middle.
     h = hs[-1]
-    h = res_block(h.shape[-1], name='mid_res_0')(h, temb, train=train)
+    h = res_block(h.shape[-1], skip=False, name='mid_res_0')(
+        h, temb, train=train)
     h = attn_block(name='mid_attn')(h)
-    h = res_block(h.shape[-1], name='mid_res_1')(h, temb, train=train)
+    h = res_block(h.shape[-1], skip=False, name='mid_res_1')(
+        h, temb, train=train)
+    h_orig = hs_orig[-1]
 
     # Up path.
     for i in reversed(range(num_levels)):
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
-        h = res_block(self.ch * self.ch_mult[i], name=f'up_{i}_res_{j}')(
-            h, temb, train=train)
+        h_orig += hs_orig.pop()
+        h = res_block(level_widths[i], skip=h_orig != orig[i],
+                      name=f'up_{i}_res_{j}')(h, temb, train=train)
+        h_orig = orig[i]
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(name=f'up_{i}_attn_{j}')(h)
       if i != 0:
@@ -427,7 +555,8 @@ class UNet(nn.Module):
     assert not hs, len(hs)
 
     # Output.
-    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm_out')(h))
+    h = nn.swish(_norm(self.num_groups, self.dtype, name='norm_out',
+                       channel_masks=self.channel_masks)(h))
     h = _conv(out_ch, 3, self.dtype, init_scale=0.0, name='conv_out',
               conv_impl=self.conv_impl)(h)
     return h.astype(jnp.float32)
@@ -439,7 +568,9 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
   Args:
     cfg: with fields `ch`, `ch_mult`, `num_res_blocks`, `attn_resolutions`,
       `dropout`, and optionally `num_classes` (default None), `num_groups`
-      (default 32) and `out_ch` (default: input channels).
+      (default 32), `out_ch` (default: input channels) and the pruned
+      widths `level_widths`, `stem_width`, `temb_width` (default None: the
+      unpruned widths; see `UNet`).
 
   Returns:
     The (unbound) UNet module.
@@ -455,7 +586,18 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       num_classes=None if num_classes is None else int(num_classes),
       out_ch=None if out_ch is None else int(out_ch),
       num_groups=int(cfg.get('num_groups', 32)),
-      conv_impl=resolve_conv_impl(cfg.get('conv_impl', 'xla')))
+      conv_impl=resolve_conv_impl(cfg.get('conv_impl', 'xla')),
+      level_widths=_optional_ints(cfg.get('level_widths', None)),
+      stem_width=_optional_int(cfg.get('stem_width', None)),
+      temb_width=_optional_int(cfg.get('temb_width', None)))
+
+
+def _optional_int(v):
+  return None if v is None else int(v)
+
+
+def _optional_ints(v):
+  return None if v is None else tuple(int(w) for w in v)
 
 
 def count_params(params: PyTree) -> int:
