@@ -32,6 +32,11 @@ setuptools.setup(
             'pytest>=8',
             'torch==2.13.0',
             'diffusers>=0.30',
+            # pytorch-fid's Inception, the reference of the Flax port
+            # (tests/metrics/test_inception.py). torchvision 0.28.0 is the
+            # release paired with torch 2.13.0; only its Python code is used.
+            'torchvision==0.28.0',
+            'pytorch-fid==0.3.0',
         ],
     },
 )
