@@ -41,6 +41,7 @@ import dataclasses
 import re
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 PyTree = Any
@@ -68,7 +69,6 @@ class ChannelGroup:
     granularity: the kept count must be a multiple of it (GroupNorm's
       num_groups for groups read by a GroupNorm, else 1).
     level: resolution level of a stream / inner group (None for temb).
-    orig_width: the width this group has in the unpruned architecture.
   """
   name: str
   kind: str
@@ -246,3 +246,52 @@ def kept_count(size: int, ratio: float, granularity: int = 1) -> int:
   units = size // granularity
   keep = int(np.floor((1.0 - ratio) * units + 0.5))
   return granularity * min(max(keep, 1), units)
+
+
+# (group name, offset, size) segments of one axis of one parameter.
+Segments = list[tuple[str, int, int]]
+
+
+def axis_layout(groups: list[ChannelGroup]) -> dict[Path, dict[int, Segments]]:
+  """path -> axis -> the group segments along that axis.
+
+  Indices of an axis that no segment covers (the image channels of
+  `conv_in`'s input and `conv_out`'s output) are never pruned.
+  """
+  layout: dict[Path, dict[int, Segments]] = {}
+  for g in groups:
+    for m in g.members:
+      layout.setdefault(m.path, {}).setdefault(m.axis, []).append(
+          (g.name, m.offset, g.size))
+  for axes in layout.values():
+    for segs in axes.values():
+      segs.sort(key=lambda s: s[1])
+  return layout
+
+
+def by_name(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:
+  names = [g.name for g in groups]
+  if len(set(names)) != len(names):
+    raise ValueError(f'channel group names are not unique: {names}')
+  return {g.name: g for g in groups}
+
+
+def kept_counts(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:
+  """`kept_count` of every group at a uniform `ratio` (FedPhD prunes every
+  group by the same ratio: torch-pruning's local, non-global pruning)."""
+  return {g.name: kept_count(g.size, ratio, g.granularity) for g in groups}
+
+
+def pruned_shapes(params: PyTree, groups: list[ChannelGroup],
+                  counts: dict[str, int]) -> PyTree:
+  """ShapeDtypeStructs of the parameters once each group keeps `counts`."""
+  layout = axis_layout(groups)
+
+  def one(path, leaf):
+    key = tuple(getattr(p, 'key', p) for p in path)
+    shape = list(leaf.shape)
+    for axis, segs in layout.get(key, {}).items():
+      shape[axis] -= sum(size - counts[name] for name, _, size in segs)
+    return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, params)
