@@ -235,9 +235,14 @@ def preprocess(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
 
 
 def init_variables(seed: int = 0):
-  """Randomly initialised variables (for tests and shape checks)."""
-  return FIDInceptionV3().init(jax.random.PRNGKey(seed),
-                               jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3)))
+  """Randomly initialised variables (for shape checks and tests).
+
+  Jitted with an 'rbg' key: XLA compiles threefry initialisers of a network
+  this size slowly on CPU (as in the trainer).
+  """
+  init = jax.jit(lambda k: FIDInceptionV3().init(
+      k, jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3))))
+  return init(jax.random.key(seed, impl='rbg'))
 
 
 # ---------------------------------------------------------------- weights --
