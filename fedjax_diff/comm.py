@@ -149,3 +149,65 @@ def with_one_time_upload(summary: dict[str, Any],
       'uplink_fraction_of_fedavg_fp32': up / fedavg_up if fedavg_up else 0.0,
   })
   return out
+
+
+# Hierarchies (FedPhD, arXiv 2507.06449): clients talk to edge servers every
+# round (the messages above, on the client↔edge links), and the E edges talk
+# to the cloud at cloud rounds only: each edge sends its float32 model up and
+# receives the global model back,
+#
+#     edge→cloud = cloud→edge = E · bytes(θ)   at a cloud round, 0 otherwise.
+#
+# Flat FedAvg has no edges: its clients' links are the cloud links, so its
+# cloud-link bytes are all its bytes.
+
+
+def edge_cloud_round_bytes(params: PyTree, num_edges: int,
+                           cloud: bool) -> dict[str, int]:
+  """One round's edge↔cloud traffic: {'edge_cloud_uplink_bytes',
+  'edge_cloud_downlink_bytes'}, E·bytes(θ) each at a cloud round."""
+  per_link = int(num_edges) * tree_bytes(params) if cloud else 0
+  return {'edge_cloud_uplink_bytes': per_link,
+          'edge_cloud_downlink_bytes': per_link}
+
+
+def with_edge_cloud_links(summary: dict[str, Any], params: PyTree,
+                          num_edges: int, cloud_rounds: int) -> dict[str, Any]:
+  """`run_summary` of the client↔edge links plus the edge↔cloud links.
+
+  Adds `client_edge_bytes` (the clients' traffic, up and down),
+  `total_edge_cloud_{uplink,downlink}_bytes`, `cloud_link_bytes` (all bytes
+  through the cloud), `total_bytes` (all links), and FedAvg's figures for the
+  same rounds and clients in float32 (`fedavg_fp32_cloud_link_bytes`, which
+  is also its total, and the fractions of it).
+  """
+  out = dict(summary)
+  edge = int(cloud_rounds) * int(num_edges) * tree_bytes(params)
+  client_edge = summary['total_uplink_bytes'] + summary['total_downlink_bytes']
+  fedavg = 2 * summary['fedavg_fp32_total_uplink_bytes']
+  out.update({
+      'num_edges': int(num_edges),
+      'cloud_rounds': int(cloud_rounds),
+      'client_edge_bytes': client_edge,
+      'total_edge_cloud_uplink_bytes': edge,
+      'total_edge_cloud_downlink_bytes': edge,
+      'cloud_link_bytes': 2 * edge,
+      'total_bytes': client_edge + 2 * edge,
+      'fedavg_fp32_cloud_link_bytes': fedavg,
+      'cloud_link_fraction_of_fedavg_fp32': 2 * edge / fedavg if fedavg
+                                            else 0.0,
+      'total_fraction_of_fedavg_fp32': (client_edge + 2 * edge) / fedavg
+                                       if fedavg else 0.0,
+  })
+  return out
+
+
+def format_edge_cloud(summary: dict[str, Any]) -> str:
+  """One line on the cloud links of `with_edge_cloud_links`."""
+  mib = 2.0 ** 20
+  return (f'  cloud links: {summary["num_edges"]} edges × '
+          f'{summary["cloud_rounds"]} cloud rounds = '
+          f'{summary["cloud_link_bytes"] / mib:,.2f} MiB '
+          f'({summary["cloud_link_fraction_of_fedavg_fp32"]:.3f} of flat '
+          f'FedAvg\'s {summary["fedavg_fp32_cloud_link_bytes"] / mib:,.2f} '
+          f'MiB); all links {summary["total_bytes"] / mib:,.2f} MiB')

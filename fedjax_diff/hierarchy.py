@@ -35,9 +35,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from fedjax_diff import comm
 from fedjax_diff import federation
 from fedjax_diff import rounds
 from fedjax_diff.diffusion import ema as ema_lib
@@ -253,3 +255,40 @@ def check_edges(edges, params, num_edges: int, num_classes: int) -> None:
     raise ValueError(f'state.edges has shapes {got_shapes}; expected '
                      f'{want_shapes} ({num_edges} edges, {num_classes} '
                      f'classes). {how}')
+
+
+def init_edges(hierarchy: Optional[hierarchical.HierarchyConfig], params,
+               num_classes: int):
+  """`ServerState.edges` for a hierarchy (None = flat: None)."""
+  if hierarchy is None:
+    return None
+  return hierarchical.init_edge_state(params, hierarchy.num_edges,
+                                      num_classes)
+
+
+def round_figures(metrics, param_shapes,
+                  hierarchy: hierarchical.HierarchyConfig) -> dict:
+  """A logged round's hierarchy figures: `cloud` (1 at a cloud round), per
+  edge e `edge_clients_e`, `edge_examples_e` and `cloud_weight_e`, and that
+  round's edge↔cloud bytes (`comm.edge_cloud_round_bytes`)."""
+  cloud = bool(np.asarray(metrics['cloud']))
+  edges = np.asarray(metrics['client_edges'])
+  real = np.asarray(metrics['client_weights']) > 0
+  out = {'cloud': int(cloud)}
+  for e in range(hierarchy.num_edges):
+    out[f'edge_clients_{e}'] = int(np.sum(real & (edges == e)))
+    out[f'edge_examples_{e}'] = float(np.asarray(metrics['edge_weights'])[e])
+    out[f'cloud_weight_{e}'] = float(np.asarray(metrics['cloud_weights'])[e])
+  out.update(comm.edge_cloud_round_bytes(param_shapes, hierarchy.num_edges,
+                                         cloud))
+  return out
+
+
+def summary_update(summary: dict, param_shapes,
+                   hierarchy: hierarchical.HierarchyConfig,
+                   num_rounds: int) -> dict:
+  """`comm.run_summary` with the edge↔cloud links of `num_rounds` rounds."""
+  clouds = hierarchical.num_cloud_rounds(num_rounds, hierarchy.cloud_every,
+                                         hierarchy.final_cloud)
+  return comm.with_edge_cloud_links(summary, param_shapes,
+                                    hierarchy.num_edges, clouds)

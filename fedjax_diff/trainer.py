@@ -24,6 +24,7 @@ from fedjax_diff import data as data_lib
 from fedjax_diff import evaluators as evaluators_lib
 from fedjax_diff import fedddpm as fedddpm_lib
 from fedjax_diff import federation
+from fedjax_diff import hierarchy as hierarchy_lib
 from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff import progress as progress_lib
@@ -35,6 +36,7 @@ from fedjax_diff.diffusion import make_schedule
 from fedjax_diff.state import init_server_state
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies import build as strategies_build
+from fedjax_diff.strategies import hierarchical
 
 
 def log(msg: str) -> None:
@@ -166,8 +168,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       num_classes=config.model.get('num_classes'))
   client_states = state_lib.init_client_states(
       upload, params, client_data.num_clients, mesh)
+  # FedPhD's edge servers (config.hierarchy; None = flat FedAvg).
+  hier = hierarchical.config_from(config)
   state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1),
-                            client_states)
+                            client_states, edges=hierarchy_lib.init_edges(
+                                hier, params, train.num_classes))
   state = state_lib.place_state(state, mesh)
 
   # Resume (the checkpoint is restored onto the placement of `state`).
@@ -179,8 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     workdir_lib.truncate_metrics(workdir, start)
   state = state_lib.place_state(state, mesh)
 
-  round_fn = rounds.make_round_fn(
-      loss_fn=make_loss_fn(eps_fn, schedule, config),
+  hier_kwargs = {} if hier is None else dict(
+      hierarchy=hier, num_classes=train.num_classes,
+      num_rounds=int(config.num_rounds))
+  round_fn = (hierarchy_lib if hier else rounds).make_round_fn(
+      **hier_kwargs, loss_fn=make_loss_fn(eps_fn, schedule, config),
       client_optimizer=client_opt, server_optimizer=server_opt, mesh=mesh,
       local_steps=int(fed.local_steps), batch_size=int(fed.batch_size),
       upload=upload, mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
@@ -252,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       row.update({'loss': loss, **traffic, 'seconds': seconds,
                   'client_examples_per_second': examples_per_round / seconds})
       row.update(client_figures(metrics))
+      if hier is not None:
+        row.update(hierarchy_lib.round_figures(metrics, param_shapes, hier))
       progress.update(done, f'loss {loss:.4f}')
     figures = {}
     for name, evaluator in evaluators.items():
@@ -273,7 +283,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   summary = comm.run_summary(param_shapes, num_rounds, per_round, upload)
   if aux is not None:
     summary = aux.summary_update(summary, num_rounds)
+  if hier is not None:
+    summary = hierarchy_lib.summary_update(summary, param_shapes, hier,
+                                           num_rounds)
   log(comm.format_summary(summary))
+  if hier is not None:
+    log(comm.format_edge_cloud(summary))
   workdir_lib.write_summary(workdir, summary)
   return state
 

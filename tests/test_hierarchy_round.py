@@ -374,3 +374,87 @@ def test_missing_edges_error():
                                                           NUM_CLASSES))
   with pytest.raises(ValueError, match='3 edges'):
     round_fn(wrong, data, np.array([0], np.int32), np.ones(1, np.float32))
+
+
+def test_trainer_hierarchy_bytes_and_resume(tmp_path):
+  """configs/test.py with 2 edges, cloud every 2 rounds and at the last
+  (round 2 of 3): per-link bytes in metrics.jsonl and summary.json, the
+  edges checkpointed, and a resume of the last round bit for bit."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from configs import mnist_fedphd  # pylint: disable=g-import-not-at-top
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  config = test_config.get_config()
+  config.num_rounds = 3
+  config.hierarchy = mnist_fedphd.hierarchy_block(agg_a=100, select_scale=40)
+  config.hierarchy.cloud_every = 2
+  config.evaluators = ml_collections.ConfigDict()
+  workdir = str(tmp_path / 'hier')
+  state = trainer.train_and_evaluate(config, workdir)
+  assert int(state.round) == 3
+  assert jax.tree.leaves(state.edges.params)[0].shape[0] == 2
+  param_bytes = sum(p.size * 4 for p in jax.tree.leaves(state.params))
+  rows = workdir_lib.read_metrics(workdir)
+  assert [r['cloud'] for r in rows] == [1, 0, 1]
+  for row in rows:
+    assert row['uplink_bytes'] == row['downlink_bytes'] == 3 * param_bytes
+    assert row['edge_cloud_uplink_bytes'] == row['cloud'] * 2 * param_bytes
+    assert row['edge_clients_0'] + row['edge_clients_1'] == 3
+    assert row['cloud_weight_0'] + row['cloud_weight_1'] == pytest.approx(1)
+  summary = workdir_lib.read_summary(workdir)
+  assert summary['cloud_rounds'] == 2
+  assert summary['client_edge_bytes'] == 3 * 2 * 3 * param_bytes
+  assert summary['cloud_link_bytes'] == 2 * 2 * 2 * param_bytes
+  assert summary['total_bytes'] == (18 + 8) * param_bytes
+  assert summary['fedavg_fp32_cloud_link_bytes'] == 18 * param_bytes
+  # After the final cloud round every edge holds the global model.
+  for e in range(2):
+    for a, b in zip(jax.tree.leaves(state.params),
+                    jax.tree.leaves(jax.tree.map(lambda p: p[e],
+                                                 state.edges.params))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  resumed_dir = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed_dir)
+  shutil.rmtree(os.path.join(resumed_dir, 'checkpoints', '3'))
+  resumed = trainer.train_and_evaluate(config, resumed_dir)
+  leaves = jax.tree.leaves(state)
+  assert len(leaves) == len(jax.tree.leaves(resumed))
+  for a, b in zip(leaves, jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fedphd_configs():
+  """FedPhD's settings, and variants that differ only in their blocks."""
+  from configs import celeba_fedphd  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_fedphd  # pylint: disable=g-import-not-at-top
+  from configs import mnist_fedphd  # pylint: disable=g-import-not-at-top
+  cifar = cifar10_fedphd.get_config()
+  assert (cifar.federation.num_clients, cifar.federation.clients_per_round,
+          cifar.federation.batch_size) == (20, 8, 128)
+  assert cifar.client_optimizer.learning_rate == 2e-4
+  assert (cifar.hierarchy.num_edges, cifar.hierarchy.cloud_every,
+          cifar.hierarchy.agg_a, cifar.hierarchy.agg_b) == (2, 5, 50000, 0)
+  assert cifar.pruning.ratio == 0.2
+  celeba = celeba_fedphd.get_config()
+  assert (celeba.federation.num_clients, celeba.federation.clients_per_round,
+          celeba.federation.batch_size) == (20, 4, 32)
+  assert celeba.client_optimizer.learning_rate == 2e-5
+  assert celeba.hierarchy.agg_a == 20000 and celeba.pruning.ratio == 0.4
+  assert celeba.partition.classes_per_client == 1
+  assert tuple(celeba.data.attribute_labels) == ('Male', 'Young')
+  for module in (mnist_fedphd, cifar10_fedphd, celeba_fedphd):
+    both = module.get_config()
+    assert hierarchical.config_from(both).selection == 'fedphd'
+    assert hierarchical.config_from(module.get_config('pruning')) is None
+    assert module.get_config('hierarchy').pruning is None
+    flat = module.get_config('fedavg')
+    assert flat.hierarchy is None and flat.pruning is None
+    rest = {k for k in both.keys() if k not in ('hierarchy', 'pruning')}
+    for k in rest:
+      assert both[k] == flat[k], k
+  with pytest.raises(ValueError, match='variant'):
+    mnist_fedphd.get_config('flat')

@@ -309,3 +309,14 @@ def config_from(config) -> Optional[HierarchyConfig]:
     if name in kwargs:
       kwargs[name] = float(kwargs[name])
   return HierarchyConfig(**kwargs)
+
+
+def num_cloud_rounds(num_rounds: int, cloud_every: int,
+                     final_cloud: bool = False) -> int:
+  """Cloud rounds among rounds 0..num_rounds−1 (`is_cloud_round`)."""
+  if num_rounds <= 0:
+    return 0
+  count = (num_rounds - 1) // cloud_every + 1
+  if final_cloud and (num_rounds - 1) % cloud_every:
+    count += 1
+  return count
