@@ -55,10 +55,11 @@ def compact_params(params: PyTree, groups: list[cg.ChannelGroup],
   layout = cg.axis_layout(groups)
 
   def one(path, leaf):
+    leaf = np.asarray(leaf)
     for axis, segs in layout.get(_key(path), {}).items():
       idx = _kept_indices(segs, channels, leaf.shape[axis])
-      leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
-    return leaf
+      leaf = np.take(leaf, idx, axis=axis)
+    return jnp.asarray(leaf)
 
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -142,4 +143,4 @@ def masked_apply_fn(model: unet_lib.UNet, param_masks: PyTree):
                         x, t, labels, train=train,
                         rngs={'dropout': rng} if train else {})
 
-  return apply
+  return jax.jit(apply, static_argnames='train')

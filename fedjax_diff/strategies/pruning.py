@@ -70,8 +70,21 @@ def _per_channel(x: jax.Array, axis: int, offset: int, size: int
   return jnp.sum(x.reshape(size, -1), axis=1)
 
 
+def _jit_unless_traced(fn, *trees):
+  """fn(*trees), compiled as one program when called on concrete arrays
+  (op-by-op dispatch of hundreds of slices is slow on CPU)."""
+  if any(isinstance(x, jax.core.Tracer) for t in trees
+         for x in jax.tree.leaves(t)):
+    return fn(*trees)
+  return jax.jit(fn)(*trees)
+
+
 def group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
   """For each group, Σ over its members' slices of channel c: [size]."""
+  return _jit_unless_traced(lambda t: _group_sums(t, groups), tree)
+
+
+def _group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
   out = {}
   for g in groups:
     total = jnp.zeros((g.size,), jnp.float32)
@@ -90,9 +103,12 @@ def l2_importance(params: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
   slices), as torch-pruning's GroupNormImportance(p=2) that FedPhD
   (arXiv 2507.06449) uses.
   """
-  sq = group_sums(jax.tree.map(lambda p: jnp.square(p.astype(jnp.float32)),
-                               params), groups)
-  return {k: jnp.sqrt(v) for k, v in sq.items()}
+  def fn(params):
+    sq = _group_sums(jax.tree.map(
+        lambda p: jnp.square(p.astype(jnp.float32)), params), groups)
+    return {k: jnp.sqrt(v) for k, v in sq.items()}
+
+  return _jit_unless_traced(fn, params)
 
 
 def taylor_importance(params: PyTree, grads: PyTree,
@@ -104,10 +120,12 @@ def taylor_importance(params: PyTree, grads: PyTree,
   diffusion loss (`taylor_gradients` averages it over timesteps and
   batches).
   """
-  prods = jax.tree.map(
-      lambda p, d: jnp.abs(p.astype(jnp.float32) * d.astype(jnp.float32)),
-      params, grads)
-  return group_sums(prods, groups)
+  def fn(params, grads):
+    return _group_sums(jax.tree.map(
+        lambda p, d: jnp.abs(p.astype(jnp.float32) * d.astype(jnp.float32)),
+        params, grads), groups)
+
+  return _jit_unless_traced(fn, params, grads)
 
 
 def taylor_gradients(loss_fn: Callable[..., jax.Array], params: PyTree,
@@ -201,14 +219,20 @@ def expand(params: PyTree, groups: list[cg.ChannelGroup],
 def expand_masks(params: PyTree, groups: list[cg.ChannelGroup],
                  channels: Channels) -> PyTree:
   """Parameter-shaped 0/1 masks of a pruning decision (see module doc)."""
-  return expand(params, groups, channels, 'product')
+  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                        params)
+  return _jit_unless_traced(
+      lambda c: expand(shapes, groups, c, 'product'), channels)
 
 
 def apply_masks(params: PyTree, groups: list[cg.ChannelGroup],
                 channels: Channels) -> PyTree:
   """θ ⊙ M: pruned entries set to exactly zero."""
-  masks = expand_masks(params, groups, channels)
-  return jax.tree.map(lambda p, m: (p * m).astype(p.dtype), params, masks)
+  def fn(params, channels):
+    masks = expand_masks(params, groups, channels)
+    return jax.tree.map(lambda p, m: (p * m).astype(p.dtype), params, masks)
+
+  return _jit_unless_traced(fn, params, channels)
 
 
 class MaskState(NamedTuple):
