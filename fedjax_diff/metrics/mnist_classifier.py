@@ -71,6 +71,7 @@ class Classifier:
   accuracy: float
   dataset: str
   feature_dim: int = 128
+  cache_key: str = ''  # names the recipe (file name of its cache entry)
 
   def __post_init__(self):
     model = SmallCNN(self.num_classes, self.feature_dim)
@@ -162,11 +163,13 @@ def load_or_train(dataset: str = 'mnist5k', cache_dir: Optional[str] = None,
       params = flax.serialization.from_bytes(template, f.read())
     return Classifier(params=params, num_classes=c, image_shape=shape,
                       accuracy=float(meta['test_accuracy']), dataset=dataset,
-                      feature_dim=feature_dim)
+                      feature_dim=feature_dim,
+                      cache_key=os.path.basename(base))
   t = time.perf_counter()
   clf = train(train_set, data_lib.load_dataset(dataset, 'test'),
               epochs=epochs, batch_size=batch_size,
               learning_rate=learning_rate, seed=seed, feature_dim=feature_dim)
+  clf.cache_key = os.path.basename(base)
   seconds = time.perf_counter() - t
   if verbose and jax.process_index() == 0:
     print(f'Trained the {dataset} classifier in {seconds:.1f}s: test accuracy '

@@ -1,0 +1,191 @@
+"""Shared machinery of the generative evaluators (not an evaluator itself).
+
+  * `Generator`: evaluation samples from the global EMA model, drawn with the
+    DDIM sampler (Song et al. 2021, arXiv 2010.02502) in jitted batches, with
+    the same noise every round. Evaluators whose entries ask for the same
+    samples (num_samples, num_steps, eta, guidance_scale, method) share one
+    draw per round and one compiled sampler.
+  * `features_from_config`: the feature space of FID and precision/recall,
+    'classifier' (the project's digit classifier, seconds on CPU) or
+    'inception' (the FID Inception-v3, `fedjax_diff.metrics.inception`).
+  * `reference_data`: the real split that generated images are compared
+    with, loaded once per process.
+
+Entry fields read here (all optional): num_samples (1000), batch_size (250),
+method ('ddim'), num_steps (50), eta (0.0), guidance_scale (1.0, a
+class-conditional model draws classes 0, 1, …, C−1, 0, … as
+evaluators/samples.py does), features ('classifier'), cache_dir
+($FEDJAX_DIFF_CACHE or ~/.cache/fedjax_diff), classifier_dataset (the run's
+dataset), inception_weights (path of pytorch-fid's .pth or a converted .npz;
+empty: downloaded), reference_split ('train'), data_dir, image_size (of a
+TFDS reference split; default: the run's config.json in the workdir).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_diff import data as data_lib
+from fedjax_diff.diffusion import sample
+from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.metrics import mnist_classifier
+
+_DRAWERS: dict = {}
+_LAST_DRAW: dict = {}
+_REFERENCE: dict = {}
+_FEATURES: dict = {}
+
+
+class Generator:
+  """Draws the evaluation samples of an entry (in [−1, 1], NHWC)."""
+
+  def __init__(self, cfg, ctx: EvalContext):
+    self.num_samples = int(cfg.get('num_samples', 1000))
+    batch = min(int(cfg.get('batch_size', 250)), self.num_samples)
+    if self.num_samples < 2 or batch < 1:
+      raise ValueError(f'num_samples must be >= 2 and batch_size >= 1; got '
+                       f'{self.num_samples} and {batch}.')
+    method = str(cfg.get('method', 'ddim'))
+    num_steps = int(cfg.get('num_steps', 50))
+    eta = float(cfg.get('eta', 0.0))
+    scale = float(cfg.get('guidance_scale', 1.0))
+    guidance = None if scale == 1.0 or ctx.num_classes is None else scale
+    shape = (batch,) + tuple(ctx.image_shape)
+    self._batch = batch
+    self._ctx = ctx
+    self._key = (id(ctx), self.num_samples, batch, method, num_steps, eta,
+                 guidance)
+    drawer_key = (id(ctx.eps_fn), id(ctx.schedule), shape, method, num_steps,
+                  eta, guidance, ctx.num_classes)
+    if drawer_key not in _DRAWERS:
+
+      def draw(params, key, labels):
+        return sample(ctx.eps_fn, params, ctx.schedule, key, shape,
+                      method=method, num_steps=num_steps, eta=eta,
+                      labels=labels, guidance_scale=guidance,
+                      null_label=ctx.num_classes)
+
+      _DRAWERS[drawer_key] = jax.jit(draw)
+    self._draw = _DRAWERS[drawer_key]
+    num_batches = -(-self.num_samples // batch)
+    self.labels = (None if ctx.num_classes is None else
+                   np.arange(num_batches * batch) % ctx.num_classes)
+    self._rng = jax.random.PRNGKey(ctx.seed + 15485863)
+
+  def __call__(self, state, round_idx: int) -> np.ndarray:
+    params = state.ema_params
+    last = _LAST_DRAW.get(self._key)
+    if last is not None and last[0] == round_idx and last[1] is params:
+      return last[2]
+    out = []
+    for i in range(-(-self.num_samples // self._batch)):
+      labels = (None if self.labels is None else
+                jnp.asarray(self.labels[i * self._batch:(i + 1) *
+                                        self._batch]))
+      out.append(np.asarray(self._draw(
+          params, jax.random.fold_in(self._rng, i), labels)))
+    images = np.concatenate(out)[:self.num_samples]
+    _LAST_DRAW[self._key] = (round_idx, params, images)
+    return images
+
+
+def cache_dir(cfg) -> str:
+  return cfg.get('cache_dir') or mnist_classifier.default_cache_dir()
+
+
+def _run_data_config(ctx: EvalContext) -> dict:
+  path = os.path.join(ctx.workdir, 'config.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get('data', {}) or {}
+
+
+def reference_data(cfg, ctx: EvalContext) -> data_lib.Dataset:
+  """The real split named by `reference_split` ('test': the run's test
+  split, as the trainer loaded it)."""
+  split = str(cfg.get('reference_split', 'train'))
+  if split == 'test':
+    return ctx.test_data
+  run = _run_data_config(ctx)
+  data_dir = cfg.get('data_dir') or run.get('data_dir')
+  image_size = cfg.get('image_size') or run.get('image_size')
+  key = (ctx.test_data.name, split, data_dir, image_size)
+  if key not in _REFERENCE:
+    kwargs = {'image_size': int(image_size)} if image_size else {}
+    _REFERENCE[key] = data_lib.load_dataset(ctx.test_data.name, split,
+                                            data_dir, **kwargs)
+  return _REFERENCE[key]
+
+
+@dataclasses.dataclass
+class Features:
+  """`fn(images in [−1, 1]) -> (features [N, D], logits [N, K])`."""
+  name: str          # 'classifier' or 'inception'
+  key: str           # names the extractor in reference-statistics caches
+  fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  classifier: Optional[Any] = None
+
+
+def classifier_features(cfg, ctx: EvalContext) -> Features:
+  dataset = cfg.get('classifier_dataset') or ctx.test_data.name
+  key = ('classifier', dataset, cache_dir(cfg))
+  if key not in _FEATURES:
+    try:
+      clf = mnist_classifier.load_or_train(dataset, cache_dir(cfg))
+    except Exception as e:
+      raise ValueError(
+          f'features=classifier trains a digit classifier on {dataset!r} '
+          f'({e}). Use it with a labelled MNIST-like dataset (mnist5k, '
+          'digits) or set features=inception.') from e
+    if tuple(clf.image_shape) != tuple(ctx.image_shape):
+      raise ValueError(f'the {dataset} classifier takes images of shape '
+                       f'{clf.image_shape}; this run generates '
+                       f'{ctx.image_shape}. Set classifier_dataset.')
+    _FEATURES[key] = Features(
+        'classifier', clf.cache_key,
+        lambda x: clf.logits_and_features(x)[::-1], clf)
+  return _FEATURES[key]
+
+
+def inception_features(cfg, ctx: EvalContext) -> Features:
+  del ctx
+  from fedjax_diff.metrics import inception  # pylint: disable=g-import-not-at-top
+  weights = cfg.get('inception_weights') or ''
+  key = ('inception', weights, cache_dir(cfg))
+  if key not in _FEATURES:
+    ext = inception.extractor_from_weights(
+        weights, cache_dir(cfg), int(cfg.get('inception_batch_size', 50)))
+    _FEATURES[key] = Features('inception', 'inception-2015-12-05',
+                              lambda x: ext((np.asarray(x) + 1.0) / 2.0))
+  return _FEATURES[key]
+
+
+def features_from_config(cfg, ctx: EvalContext) -> Features:
+  kind = str(cfg.get('features', 'classifier'))
+  if kind == 'classifier':
+    return classifier_features(cfg, ctx)
+  if kind == 'inception':
+    return inception_features(cfg, ctx)
+  raise ValueError(f'features={kind!r}; use "classifier" (digit classifier, '
+                   'MNIST-like data) or "inception" (FID Inception-v3).')
+
+
+def real_images(dataset: data_lib.Dataset) -> np.ndarray:
+  """uint8 images → float32 in [−1, 1]."""
+  return np.asarray(dataset.images, np.float32) / 127.5 - 1.0
+
+
+def batched_features(features: Features, images_uint8: np.ndarray,
+                     batch: int = 1000) -> np.ndarray:
+  """Features of uint8 images, converted to [−1, 1] batch by batch."""
+  out = []
+  for s in range(0, len(images_uint8), batch):
+    out.append(features.fn(
+        np.asarray(images_uint8[s:s + batch], np.float32) / 127.5 - 1.0)[0])
+  return np.concatenate(out)

@@ -1,0 +1,133 @@
+"""The generative evaluators (FID, precision/recall, class coverage) on the
+tiny test model and the 8×8 digits, built through the evaluator contract."""
+
+import pathlib
+import types
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from fedjax_diff import data as data_lib
+from fedjax_diff import evaluators as evaluators_lib
+from fedjax_diff import models
+from fedjax_diff.diffusion import make_schedule
+from fedjax_diff.evaluators import _generative
+from fedjax_diff.metrics import class_coverage
+from fedjax_diff.metrics import frechet
+from fedjax_diff.metrics import mnist_classifier
+from fedjax_diff.metrics import precision_recall
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  config = test_config.get_config()
+  model = models.unet_from_config(config.model)
+  params = jax.jit(lambda k: models.init_params(model, k, (8, 8, 1)))(
+      jax.random.key(0, impl='rbg'))
+  test = data_lib.load_dataset('digits', 'test')
+  ctx = evaluators_lib.EvalContext(
+      eps_fn=models.make_eps_fn(model),
+      schedule=make_schedule('linear', config.diffusion.num_timesteps),
+      test_data=test, image_shape=(8, 8, 1), num_classes=None,
+      workdir=str(tmp_path_factory.mktemp('wd')), seed=0,
+      write_images=lambda *a: None)
+  cache = str(tmp_path_factory.getbasetemp() / 'classifier_cache')
+  state = types.SimpleNamespace(ema_params=params)
+  return ctx, state, cache
+
+
+def _entries(cache, **kw):
+  common = dict(every_rounds=1, num_samples=64, batch_size=32, num_steps=4,
+                cache_dir=cache)
+  common.update(kw)
+  return ml_collections.ConfigDict(dict(
+      fid=dict(common), precision_recall=dict(common),
+      class_coverage=dict(common)))
+
+
+def test_end_to_end_with_the_ddim_sampler(setup, monkeypatch):
+  ctx, state, cache = setup
+  evs = evaluators_lib.build_evaluators(_entries(cache), ctx)
+  draws = []
+  orig = _generative.Generator.__call__
+
+  def counting(self, st, r):
+    out = orig(self, st, r)
+    draws.append(out)
+    return out
+
+  monkeypatch.setattr(_generative.Generator, '__call__', counting)
+  figures = {}
+  for ev in evs.values():
+    figures.update(ev(state, 3))
+  # One draw, shared: later evaluators get the very same array.
+  assert all(d is draws[0] for d in draws) and draws[0].shape == (64, 8, 8, 1)
+  assert np.abs(draws[0]).max() <= 1.0
+  assert figures['fid_classifier'] > 0
+  for k in ('precision_classifier', 'recall_classifier'):
+    assert 0 <= figures[k] <= 1
+  fracs = [figures[f'class_frac_{c}'] for c in range(10)]
+  assert sum(fracs) == pytest.approx(1.0)
+  assert figures['classes_under_2pct'] == sum(f < 0.02 for f in fracs)
+  assert 0.85 < figures['classifier_accuracy'] <= 1
+
+
+def test_figures_equal_direct_computation_on_real_images(setup, monkeypatch):
+  """With a 'generator' that returns real images, each figure equals the
+  metric computed directly; and FID of the reference set itself is 0."""
+  ctx, state, cache = setup
+  train = data_lib.load_dataset('digits', 'train')
+  real = _generative.real_images(train)
+  monkeypatch.setattr(_generative.Generator, '__call__',
+                      lambda self, st, r: real[:self.num_samples])
+  evs = evaluators_lib.build_evaluators(
+      _entries(cache, num_samples=len(train)), ctx)
+  figures = {}
+  for ev in evs.values():
+    figures.update(ev(state, 1))
+  assert figures['fid_classifier'] == pytest.approx(0.0, abs=1e-6)
+  assert figures['precision_classifier'] == 1.0
+  assert figures['recall_classifier'] == 1.0
+  clf = mnist_classifier.load_or_train('digits', cache, verbose=False)
+  logits, feats = clf.logits_and_features(real)
+  want = class_coverage.class_coverage(
+      logits.argmax(1), class_coverage.class_histogram(train.labels, 10))
+  for k, v in want.items():
+    assert figures[k] == pytest.approx(v)
+  # A half of the real images as 'samples': FID and PR as computed directly.
+  half = len(train) // 2
+  evs = evaluators_lib.build_evaluators(_entries(cache, num_samples=half),
+                                        ctx)
+  fid = evs['fid'](state, 2)['fid_classifier']
+  direct = frechet.frechet_distance(frechet.gaussian_stats(feats),
+                                    frechet.gaussian_stats(feats[:half]))
+  assert fid == pytest.approx(direct, rel=1e-6) and fid > 0
+  pr = evs['precision_recall']
+  got = pr(state, 2)
+  ref = precision_recall.precision_recall(pr._real, feats[:half])
+  assert got == {'precision_classifier': ref['precision'],
+                 'recall_classifier': ref['recall']}
+
+
+def test_reference_statistics_are_cached(setup, tmp_path):
+  ctx, _, cache = setup
+  evaluators_lib.build_evaluators(
+      ml_collections.ConfigDict(dict(fid=dict(cache_dir=cache))), ctx)
+  files = list((pathlib.Path(cache) / 'fid_stats').glob('*'))
+  assert len(files) == 1 and files[0].name.startswith('digits_train_')
+  # A published .npz replaces the cache.
+  path = str(tmp_path / 'stats.npz')
+  np.savez(path, mu=np.zeros(128), sigma=np.eye(128))
+  ev = evaluators_lib.build_evaluators(ml_collections.ConfigDict(dict(
+      fid=dict(cache_dir=cache, stats_file=path))), ctx)['fid']
+  np.testing.assert_array_equal(ev._real.sigma, np.eye(128))
+
+
+def test_bad_feature_name(setup):
+  ctx, _, cache = setup
+  with pytest.raises(ValueError, match='features=.pool'):
+    evaluators_lib.build_evaluators(ml_collections.ConfigDict(dict(
+        fid=dict(cache_dir=cache, features='pool'))), ctx)
