@@ -42,10 +42,20 @@ def get_config(arg=None):
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-4, warmup_steps=100, grad_clip=1.0))
   config.ema_decay = 0.9999
+  gen = dict(every_rounds=200, features='inception', num_samples=10000,
+             num_steps=100, batch_size=250, inception_weights='')
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=50, num_examples=2000, batch_size=250),
       samples=dict(every_rounds=100, num_samples=64, method='ddim',
                    num_steps=100, eta=0.0),
+      # FID and IS with the FID Inception-v3 (pytorch-fid's weights,
+      # downloaded to the cache dir or read from inception_weights=PATH),
+      # against the train split's statistics (computed once, cached; or a
+      # published .npz via stats_file=PATH), and improved precision/recall
+      # on the same features; all on one draw of 10k DDIM samples.
+      fid=dict(gen),
+      precision_recall=dict(gen, k=3),
+      inception_score=dict(gen, splits=10),
   ))
   config.log_every = 10
   config.checkpoint_every = 50
