@@ -37,6 +37,7 @@ from fedjax_diff.state import init_server_state
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies import build as strategies_build
 from fedjax_diff.strategies import hierarchical
+from fedjax_diff.strategies import pruning_schedule
 
 
 def log(msg: str) -> None:
@@ -155,6 +156,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   params = jax.jit(lambda k: models.init_params(model, k, image_shape))(
       jax.random.key(seed, impl='rbg'))
   log(f'UNet: {models.count_params(params):,} parameters.')
+  # FedPhD's structured pruning (config.pruning; None = none): from here on
+  # the run trains, sends and samples the compact UNet.
+  model, params, pruning_info = pruning_schedule.prepare(
+      config, workdir, model, params, image_shape=image_shape,
+      loss_fn_for=lambda m: make_loss_fn(models.make_eps_fn(m), schedule,
+                                         config),
+      images=train.images, labels=train.labels, seed=seed,
+      train_stage=train_and_evaluate, log=log)
+  eps_fn = models.make_eps_fn(model)
   # Shapes and dtypes only: what communication accounting needs (the arrays
   # themselves may be donated to the first round).
   param_shapes = jax.tree.map(
@@ -289,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   log(comm.format_summary(summary))
   if hier is not None:
     log(comm.format_edge_cloud(summary))
+  if pruning_info is not None:
+    summary['pruning'] = pruning_info
   workdir_lib.write_summary(workdir, summary)
   return state
 

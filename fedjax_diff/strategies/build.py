@@ -5,6 +5,10 @@ config without them is plain FedAvg):
 
     config.prox_mu            FedDM-prox's μ; > 0 puts `proximal(μ)` first in
                               the client optimizer chain.
+    config.group_lasso        λ > 0 adds FedPhD's sparse-training penalty
+                              λ·Σ‖θ_{g,c}‖₂ over UNet channel groups
+                              (`pruning.group_lasso`; set by
+                              config.pruning.schedule='after_sparse').
     config.upload.quantize_bits      0 (off), or 2..16 (FedDM-quant: 8, 4, 2)
     config.upload.granularity        'per_tensor' | 'per_channel'
     config.upload.rounding           'nearest' | 'stochastic'
@@ -26,6 +30,7 @@ import ml_collections
 
 from fedjax_diff.diffusion import NoiseSchedule
 from fedjax_diff.strategies import proximal as proximal_lib
+from fedjax_diff.strategies import pruning as pruning_lib
 from fedjax_diff.strategies import quantize as quantize_lib
 from fedjax_diff.strategies import upload as upload_lib
 from fedjax_diff.strategies.calibration import Calibration
@@ -48,7 +53,14 @@ def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
                      ) from None
   if not mu >= 0.0:
     raise ValueError(f'config.prox_mu must be >= 0, got {mu!r}.')
-  return [proximal_lib.proximal(mu)] if mu > 0 else []
+  out = [proximal_lib.proximal(mu)] if mu > 0 else []
+  lam = float(config.get('group_lasso', 0.0) or 0.0)
+  if lam < 0:
+    raise ValueError(f'config.group_lasso must be >= 0, got {lam!r}.')
+  if lam > 0:
+    out.append(pruning_lib.group_lasso(
+        None, lam, num_groups=int(config.model.get('num_groups', 32))))
+  return out
 
 
 def quantization_config(cfg: Optional[ml_collections.ConfigDict]

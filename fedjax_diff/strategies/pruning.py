@@ -263,8 +263,9 @@ def mask_transform(groups: list[cg.ChannelGroup],
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def group_lasso(groups: list[cg.ChannelGroup], lam: float,
-                eps: float = 1e-12) -> optax.GradientTransformation:
+def group_lasso(groups: Optional[list[cg.ChannelGroup]], lam: float,
+                eps: float = 1e-12, num_groups: int = 32
+                ) -> optax.GradientTransformation:
   """Adds the gradient of λ·Σ_g Σ_c ‖θ_{g,c}‖₂ (group lasso).
 
       g_i ↦ g_i + λ · Σ_{(g,c) ∋ i} θ_i / ‖θ_{g,c}‖₂,
@@ -275,6 +276,14 @@ def group_lasso(groups: list[cg.ChannelGroup], lam: float,
   pruning, so that removing them changes the model little; FedPhD
   (arXiv 2507.06449) trains sparsely before pruning in its 'after'
   setting. Put it first in the client chain (raw gradients), like FedProx.
+
+  Args:
+    groups: the channel groups; None derives them from the parameters'
+      shapes at each update (`unet_channel_groups(params, num_groups)`), so
+      the transform can be built from a config before the model exists.
+    lam: λ >= 0.
+    eps: floor of ‖θ_{g,c}‖₂ (the penalty is not differentiable at 0).
+    num_groups: the UNet's GroupNorm groups, when `groups` is None.
   """
   if not lam >= 0.0:
     raise ValueError(f'group_lasso: lam must be >= 0, got {lam!r}.')
@@ -288,9 +297,11 @@ def group_lasso(groups: list[cg.ChannelGroup], lam: float,
     if params is None:
       raise ValueError('group_lasso: `params` is required: call '
                        'opt.update(grads, state, params).')
-    norms = l2_importance(params, groups)
+    gs = (groups if groups is not None else
+          cg.unet_channel_groups(params, num_groups))
+    norms = l2_importance(params, gs)
     inv = {k: 1.0 / jnp.maximum(v, eps) for k, v in norms.items()}
-    scale = expand(params, groups, inv, 'sum')
+    scale = expand(params, gs, inv, 'sum')
     updates = jax.tree.map(
         lambda u, p, s: (u + lam * p * s).astype(u.dtype), updates, params,
         scale)

@@ -1,0 +1,264 @@
+"""`config.pruning`: when and how a training run prunes its UNet (FedPhD).
+
+Config block (absent or None: no pruning):
+
+    config.pruning.ratio          fraction of channels removed per group
+                                  (FedPhD: 0.2 CIFAR-10, 0.4 CelebA)
+    config.pruning.importance     'l2' (group L2 norm, FedPhD,
+                                  arXiv 2507.06449) | 'taylor' (first-order
+                                  Taylor on the diffusion loss, Diff-Pruning,
+                                  arXiv 2305.10924)
+    config.pruning.schedule       'before' | 'after_sparse'
+    config.pruning.sparse_rounds  'after_sparse': rounds of sparse training
+    config.pruning.lasso          'after_sparse': the group-lasso λ
+    config.pruning.taylor_batches 'taylor': noise/timestep draws (default 8)
+    config.pruning.taylor_examples 'taylor': training images used (64)
+
+Schedules:
+
+* 'before' (FedPhD's final setting): the initial UNet is pruned (its
+  importance computed at initialisation) and compacted
+  (`models.compact`); every round trains, sends and aggregates the small
+  model.
+* 'after_sparse': first `sparse_rounds` federated rounds of the full UNet
+  with the group-lasso penalty λ·Σ‖θ_{g,c}‖₂ in every client's optimizer
+  (`pruning.group_lasso`), run as a stage of its own in `<workdir>/sparse`
+  (it resumes like any run); then its final global model is pruned and
+  compacted, and the run's `num_rounds` rounds train the small model from
+  there. The total budget is `sparse_rounds + num_rounds` rounds.
+
+Taylor importance needs the diffusion loss on data; the server has none in
+federated learning, so here it uses `taylor_examples` training images
+(equivalently: the example-weighted mean of the clients' gradients on
+them). FedPhD's L2 importance is data-free.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedjax_diff.models import channel_groups as cg
+from fedjax_diff.models import compact as compact_lib
+from fedjax_diff.models import macs as macs_lib
+from fedjax_diff.models import unet as unet_lib
+from fedjax_diff.strategies import pruning
+
+PyTree = Any
+SCHEDULES = ('before', 'after_sparse')
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+  ratio: float
+  importance: str = 'l2'
+  schedule: str = 'before'
+  sparse_rounds: int = 0
+  lasso: float = 0.0
+  taylor_batches: int = 8
+  taylor_examples: int = 64
+
+
+def config_from(config: ml_collections.ConfigDict) -> Optional[PruningConfig]:
+  """The validated `config.pruning`, or None when pruning is off.
+
+  Raises:
+    ValueError: a field is missing or out of range (the message says which
+      and what is allowed).
+  """
+  cfg = config.get('pruning')
+  if cfg is None:
+    return None
+  if 'ratio' not in cfg:
+    raise ValueError('config.pruning needs a ratio in [0, 1) (FedPhD: 0.2 '
+                     'on CIFAR-10); set config.pruning = None for no '
+                     'pruning.')
+  out = PruningConfig(
+      ratio=float(cfg.ratio), importance=str(cfg.get('importance', 'l2')),
+      schedule=str(cfg.get('schedule', 'before')),
+      sparse_rounds=int(cfg.get('sparse_rounds', 0) or 0),
+      lasso=float(cfg.get('lasso', 0.0) or 0.0),
+      taylor_batches=int(cfg.get('taylor_batches', 8)),
+      taylor_examples=int(cfg.get('taylor_examples', 64)))
+  if not 0.0 <= out.ratio < 1.0:
+    raise ValueError(f'config.pruning.ratio must be in [0, 1), got '
+                     f'{out.ratio}.')
+  if out.importance not in pruning.IMPORTANCES:
+    raise ValueError(f'config.pruning.importance must be one of '
+                     f'{pruning.IMPORTANCES}, got {out.importance!r}.')
+  if out.schedule not in SCHEDULES:
+    raise ValueError(f'config.pruning.schedule must be one of {SCHEDULES}, '
+                     f'got {out.schedule!r}.')
+  if out.schedule == 'after_sparse' and (out.sparse_rounds < 1 or
+                                         not out.lasso > 0):
+    raise ValueError(
+        "config.pruning.schedule='after_sparse' needs sparse_rounds >= 1 "
+        f'and lasso > 0 (got sparse_rounds={out.sparse_rounds}, '
+        f'lasso={out.lasso}); e.g. sparse_rounds=5, lasso=1e-4.')
+  if out.importance == 'taylor' and (out.taylor_batches < 1 or
+                                     out.taylor_examples < 1):
+    raise ValueError('config.pruning.taylor_batches and taylor_examples '
+                     'must be >= 1.')
+  return out
+
+
+def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
+          image_shape, loss_fn: Optional[Callable[..., jax.Array]] = None,
+          images: Optional[jax.Array] = None,
+          labels: Optional[jax.Array] = None,
+          rng: Optional[jax.Array] = None
+          ) -> tuple[unet_lib.UNet, PyTree, dict[str, Any]]:
+  """Prunes `params` by `cfg` and compacts them.
+
+  Args:
+    model: the UNet of `params`.
+    params: its parameters.
+    cfg: the pruning config.
+    image_shape: (H, W, C), for the MAC counts.
+    loss_fn, images, labels, rng: 'taylor' only: the diffusion loss
+      `(params, x, labels, rng)`, float images in [-1, 1] and their labels.
+
+  Returns:
+    (compact model, compact params, info) with info the figures of the
+    pruning (params and MACs before and after, widths).
+  """
+  groups = cg.unet_channel_groups(params, model.num_groups)
+  if cfg.importance == 'l2':
+    importance = pruning.l2_importance(params, groups)
+  else:
+    if loss_fn is None or images is None or rng is None:
+      raise ValueError("importance='taylor' needs loss_fn, images and rng.")
+    grads = pruning.taylor_gradients(loss_fn, params, images, labels, rng,
+                                     cfg.taylor_batches)
+    importance = pruning.taylor_importance(params, grads, groups)
+  channels = pruning.select(importance, groups, cfg.ratio)
+  small, small_params = compact_lib.compact(model, params, groups, channels)
+  shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
+                        params)
+  small_shapes = jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), small_params)
+  info = {
+      'ratio': cfg.ratio, 'importance': cfg.importance,
+      'schedule': cfg.schedule,
+      'params_before': unet_lib.count_params(shapes),
+      'params_after': unet_lib.count_params(small_shapes),
+      'macs_before': macs_lib.unet_macs(model, image_shape, shapes),
+      'macs_after': macs_lib.unet_macs(small, image_shape, small_shapes),
+      'stem_width': small.stem_width,
+      'level_widths': list(small.level_widths),
+      'temb_width': small.temb_width,
+      'kept_channels': pruning.counts(channels),
+  }
+  return small, small_params, info
+
+
+def model_config(model_cfg: ml_collections.ConfigDict,
+                 small: unet_lib.UNet) -> ml_collections.ConfigDict:
+  """`config.model` of the compact UNet (for `unet_from_config`)."""
+  out = copy.deepcopy(model_cfg)
+  with out.unlocked():
+    out.stem_width = small.stem_width
+    out.level_widths = tuple(small.level_widths)
+    out.temb_width = small.temb_width
+  return out
+
+
+def sparse_stage_config(config: ml_collections.ConfigDict,
+                        cfg: PruningConfig) -> ml_collections.ConfigDict:
+  """The config of 'after_sparse''s first stage: the full UNet trained
+  `sparse_rounds` rounds with the group-lasso penalty, no evaluators."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.pruning = None
+    out.group_lasso = cfg.lasso
+    out.num_rounds = cfg.sparse_rounds
+    out.evaluators = ml_collections.ConfigDict()
+    out.checkpoint_every = cfg.sparse_rounds
+  return out
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            model: unet_lib.UNet, params: PyTree, *, image_shape,
+            loss_fn_for: Callable[[unet_lib.UNet], Callable[..., Any]],
+            images: np.ndarray, labels: Optional[np.ndarray], seed: int,
+            train_stage: Optional[Callable[..., Any]] = None,
+            log: Callable[[str], None] = print
+            ) -> tuple[unet_lib.UNet, PyTree, Optional[dict[str, Any]]]:
+  """The trainer's hook: the model and parameters the run trains.
+
+  Without `config.pruning`, (model, params, None). Otherwise the compact
+  model and its parameters ('before': pruned from `params`;
+  'after_sparse': from the final global model of the sparse stage, which
+  `train_stage(config, workdir)` runs in `<workdir>/sparse`), and the
+  pruning's figures, also written to `<workdir>/pruning.json`.
+
+  Args:
+    config: the run's config.
+    workdir: the run's workdir.
+    model, params: the initial UNet and its parameters.
+    image_shape: (H, W, C).
+    loss_fn_for: model -> the diffusion loss `(params, x, labels, rng)`.
+    images: uint8 training images (for 'taylor'); labels their labels.
+    seed: the run's seed.
+    train_stage: `trainer.train_and_evaluate` ('after_sparse').
+    log: where progress lines go.
+  """
+  cfg = config_from(config)
+  if cfg is None:
+    return model, params, None
+  if cfg.schedule == 'after_sparse':
+    if train_stage is None:
+      raise ValueError("schedule='after_sparse' needs train_stage.")
+    stage_dir = os.path.join(workdir, 'sparse')
+    log(f'Pruning after sparse training: {cfg.sparse_rounds} rounds with '
+        f'group lasso {cfg.lasso:g} in {stage_dir}.')
+    state = train_stage(sparse_stage_config(config, cfg), stage_dir)
+    params = jax.device_get(state.params)
+  taylor = {}
+  if cfg.importance == 'taylor':
+    n = min(cfg.taylor_examples, len(images))
+    idx = np.random.default_rng(seed).choice(len(images), n, replace=False)
+    taylor = dict(
+        loss_fn=loss_fn_for(model),
+        images=jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0,
+        labels=None if labels is None else jnp.asarray(labels[idx]),
+        rng=jax.random.key(seed + 7))
+  small, small_params, info = prune(model, params, cfg,
+                                    image_shape=image_shape, **taylor)
+  log(f'Pruned the UNet by {cfg.ratio:g} ({cfg.importance}, '
+      f'{cfg.schedule}): {info["params_before"]:,} -> '
+      f'{info["params_after"]:,} parameters, '
+      f'{info["macs_before"] / 1e9:.3f} -> {info["macs_after"] / 1e9:.3f} '
+      f'GMACs; widths stem {small.stem_width}, levels '
+      f'{tuple(small.level_widths)}, time embedding {small.temb_width}.')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'pruning.json'), 'w') as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+  return small, jax.tree.map(jnp.asarray, small_params), info
+
+
+def model_for_run(config: ml_collections.ConfigDict,
+                  workdir: str) -> unet_lib.UNet:
+  """The UNet a run in `workdir` trains: the compact one when the run was
+  pruned (widths from `<workdir>/pruning.json`), for tools that restore a
+  checkpoint (e.g. launch/evaluate.py)."""
+  model = unet_lib.unet_from_config(config.model)
+  if config_from(config) is None:
+    return model
+  path = os.path.join(workdir, 'pruning.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} is missing: the config prunes the UNet, and the pruned '
+        'widths are written there when training starts.')
+  with open(path) as f:
+    info = json.load(f)
+  return model.clone(stem_width=int(info['stem_width']),
+                     level_widths=tuple(int(w) for w in info['level_widths']),
+                     temb_width=int(info['temb_width']))
