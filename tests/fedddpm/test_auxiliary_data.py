@@ -75,14 +75,16 @@ def test_sampler_matches_per_client_ddim_and_set_is_balanced():
   images = np.asarray(draw(stacked, jnp.asarray(labels), rng))
   assert images.shape == labels.shape + (8, 8, 1)
   # Reference: the DDIM sampler, client by client and batch by batch.
+  ref = jax.jit(lambda p, key, lbl: sample(
+      lib.eps_fn, p, SCHEDULE, key, (batch, 8, 8, 1), method='ddim',
+      num_steps=4, labels=lbl, guidance_scale=2.0,
+      null_label=lib.NUM_CLASSES))
   for c in range(k):
     params = jax.tree.map(lambda x: x[c], stacked)
     key = jax.random.fold_in(rng, c)
     for b in range(labels.shape[1] // batch):
-      want = sample(lib.eps_fn, params, SCHEDULE, jax.random.fold_in(key, b),
-                    (batch, 8, 8, 1), method='ddim', num_steps=4,
-                    labels=jnp.asarray(labels[c, b * batch:(b + 1) * batch]),
-                    guidance_scale=2.0, null_label=lib.NUM_CLASSES)
+      want = ref(params, jax.random.fold_in(key, b),
+                 jnp.asarray(labels[c, b * batch:(b + 1) * batch]))
       np.testing.assert_allclose(images[c, b * batch:(b + 1) * batch],
                                  np.asarray(want), rtol=1e-5, atol=1e-5)
   aux = aux_lib.sample_auxiliary(draw, stacked, alloc, batch, rng)
@@ -91,7 +93,7 @@ def test_sampler_matches_per_client_ddim_and_set_is_balanced():
   np.testing.assert_array_equal(np.bincount(aux.labels), [5] * lib.NUM_CLASSES)
   # Each image comes from a client that holds its class.
   assert np.all(counts[aux.sources, aux.labels] > 0)
-  # Held-out split keeps every class (10% of 5 → round(0.5) = 0 here; 40%).
+  # The held-out split (40% of 5 = 2 per class) keeps every class.
   train, held = aux_lib.split_heldout(aux, 0.4, seed=0)
   np.testing.assert_array_equal(np.bincount(held.labels), [2] * 4)
   np.testing.assert_array_equal(np.bincount(train.labels), [3] * 4)
