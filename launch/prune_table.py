@@ -75,8 +75,8 @@ def main(argv):
         '(stem; levels; temb) |')
   print('| --- | --- | --- | --- | --- | --- |')
   for r in rows:
-    print(f'| {r["ratio"]:.1f} | {r["params"] / 1e6:.2f}M | '
-          f'{r["macs"] / 1e9:.2f} | {r["params_frac"]:.1%} | '
+    print(f'| {r["ratio"]:.1f} | {r["params"] / 1e6:.3f}M | '
+          f'{r["macs"] / 1e9:.3f} | {r["params_frac"]:.1%} | '
           f'{r["macs_frac"]:.1%} | {r["stem_width"]}; '
           f'{",".join(map(str, r["level_widths"]))}; {r["temb_width"]} |')
 
