@@ -54,9 +54,11 @@ def test_restores_the_checkpoint_and_runs_the_evaluators(tmp_path):
   schedule = make_schedule('linear', config.diffusion.num_timesteps)
   key = jax.random.PRNGKey(config.seed + 7919)
   x = test.images[:32].astype(np.float32) / 127.5 - 1.0
-  losses = [diffusion_loss(models.make_eps_fn(model), ema, schedule,
-                           x[i * 16:(i + 1) * 16], jax.random.fold_in(key, i),
-                           labels=None, train=False) for i in range(2)]
+  loss = jax.jit(lambda p, xb, k: diffusion_loss(
+      models.make_eps_fn(model), p, schedule, xb, k, labels=None,
+      train=False))
+  losses = [loss(ema, x[i * 16:(i + 1) * 16], jax.random.fold_in(key, i))
+            for i in range(2)]
   assert figures['heldout_loss'] == pytest.approx(float(np.mean(losses)),
                                                   rel=1e-5)
   assert figures['heldout_loss'] > figures['heldout_loss_raw'] + 0.5

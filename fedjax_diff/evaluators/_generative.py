@@ -129,7 +129,8 @@ class Features:
   name: str          # 'classifier' or 'inception'
   key: str           # names the extractor in reference-statistics caches
   fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-  classifier: Optional[Any] = None
+  classifier: Optional[Any] = None   # mnist_classifier.Classifier
+  extractor: Optional[Any] = None    # inception.InceptionExtractor
 
 
 def classifier_features(cfg, ctx: EvalContext) -> Features:
@@ -162,7 +163,8 @@ def inception_features(cfg, ctx: EvalContext) -> Features:
     ext = inception.extractor_from_weights(
         weights, cache_dir(cfg), int(cfg.get('inception_batch_size', 50)))
     _FEATURES[key] = Features('inception', 'inception-2015-12-05',
-                              lambda x: ext((np.asarray(x) + 1.0) / 2.0))
+                              lambda x: ext((np.asarray(x) + 1.0) / 2.0),
+                              extractor=ext)
   return _FEATURES[key]
 
 

@@ -5,10 +5,12 @@ with mean μ_r and covariance Σ_r and of generated images with μ_g, Σ_g,
 
     FID = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2}).
 
-Σ_r Σ_g is similar to the symmetric PSD matrix A = Σ_r^{1/2} Σ_g Σ_r^{1/2},
-so Tr((Σ_r Σ_g)^{1/2}) = Σ_i √λ_i(A): two symmetric eigendecompositions in
-float64, with no complex parts to drop (pytorch-fid's `scipy.linalg.sqrtm`
-route gives the same value up to its round-off).
+With a Cholesky factor Σ_r = L Lᵀ, Σ_r Σ_g is similar to the symmetric PSD
+matrix A = Lᵀ Σ_g L, so Tr((Σ_r Σ_g)^{1/2}) = Σ_i √λ_i(A): one Cholesky and
+one eigenvalue-only symmetric solve in float64, with no complex parts to
+drop (pytorch-fid's `scipy.linalg.sqrtm` route gives the same value up to
+its round-off). When neither covariance is positive definite (fewer samples
+than dimensions), A = Σ_r^{1/2} Σ_g Σ_r^{1/2} with an eigendecomposition.
 
 Statistics follow pytorch-fid: the mean and the unbiased (N − 1) covariance.
 """
@@ -101,8 +103,22 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     raise ValueError(f'feature dimensions differ: {a.mu.shape[0]} and '
                      f'{b.mu.shape[0]}; both statistics must come from the '
                      'same feature extractor.')
-  root_a = _psd_sqrt(a.sigma)
-  inner = root_a @ b.sigma @ root_a
+  for name, st in (('first', a), ('second', b)):
+    if not (np.all(np.isfinite(st.mu)) and np.all(np.isfinite(st.sigma))):
+      raise ValueError(f'the {name} statistics hold NaN or inf: the features '
+                       'they come from are not finite (diverged samples or '
+                       'a broken feature extractor).')
+  inner = None
+  for x, y in ((a.sigma, b.sigma), (b.sigma, a.sigma)):
+    try:
+      chol = np.linalg.cholesky(x)
+    except np.linalg.LinAlgError:
+      continue
+    inner = chol.T @ y @ chol
+    break
+  if inner is None:
+    root_a = _psd_sqrt(a.sigma)
+    inner = root_a @ b.sigma @ root_a
   eig = np.linalg.eigvalsh((inner + inner.T) / 2)
   tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
   diff = a.mu - b.mu

@@ -29,6 +29,7 @@ fetches the `.pth` when the network allows. `convert_state_dict` maps the
 PyTorch names (`Mixed_5b.branch1x1.conv.weight`, ...) onto this module.
 """
 
+import functools
 import os
 from typing import Any, Mapping, Optional, Sequence
 import urllib.request
@@ -247,6 +248,15 @@ def init_variables(seed: int = 0):
 
 # ---------------------------------------------------------------- weights --
 
+
+@functools.lru_cache(maxsize=1)
+def _expected_shapes() -> dict[str, tuple[int, ...]]:
+  """'collection/module/.../leaf' → shape of the FID network's variables
+  (traced once per process)."""
+  flat = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(jax.eval_shape(init_variables)), sep='/')
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
 _BN_NAMES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
              'running_mean': ('batch_stats', 'mean'),
              'running_var': ('batch_stats', 'var')}
@@ -288,14 +298,12 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict:
     else:
       unexpected.append(name)
   variables = {'params': params, 'batch_stats': stats}
-  expected = jax.eval_shape(init_variables)
-  exp_flat = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(expected), sep='/')
+  exp_flat = _expected_shapes()
   got_flat = flax.traverse_util.flatten_dict(variables, sep='/')
   missing = sorted(set(exp_flat) - set(got_flat))
   extra = sorted(set(got_flat) - set(exp_flat)) + unexpected
   bad = sorted(k for k in set(exp_flat) & set(got_flat)
-               if tuple(exp_flat[k].shape) != tuple(got_flat[k].shape))
+               if exp_flat[k] != tuple(got_flat[k].shape))
   if missing or extra or bad:
     raise ValueError(
         'the state dict is not pytorch-fid\'s FID Inception '
@@ -337,11 +345,9 @@ def load_variables(path: str):
     with np.load(path) as f:
       flat = {k: f[k] for k in f.files}
     variables = flax.traverse_util.unflatten_dict(flat, sep='/')
-    # Validate names and shapes by a round trip through the checker.
-    expected = flax.traverse_util.flatten_dict(
-        flax.core.unfreeze(jax.eval_shape(init_variables)), sep='/')
+    expected = _expected_shapes()
     if set(expected) != set(flat) or any(
-        tuple(expected[k].shape) != flat[k].shape for k in flat):
+        expected[k] != flat[k].shape for k in flat):
       raise ValueError(f'{path} does not hold FID Inception variables.')
     return jax.tree.map(jnp.asarray, variables)
   return convert_state_dict(_read_torch_file(path))

@@ -131,3 +131,50 @@ def test_bad_feature_name(setup):
   with pytest.raises(ValueError, match='features=.pool'):
     evaluators_lib.build_evaluators(ml_collections.ConfigDict(dict(
         fid=dict(cache_dir=cache, features='pool'))), ctx)
+
+
+def test_inception_fid_and_is_wiring(setup, monkeypatch, tmp_path):
+  """features=inception: samples in [−1, 1] reach Inception as (x + 1)/2;
+  FID against a given stats_file, IS from the same draw's logits."""
+  from fedjax_diff.metrics import inception  # pylint: disable=g-import-not-at-top
+  from fedjax_diff.metrics import inception_score  # pylint: disable=g-import-not-at-top
+  ctx, state, cache = setup
+  rng = np.random.default_rng(0)
+  def fake(path, s):
+    if jax.tree_util.keystr(path).endswith("['var']"):  # BN variances > 0
+      return rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
+    return (rng.normal(size=s.shape) * 0.05).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(
+      fake, jax.eval_shape(inception.init_variables))
+  weights = str(tmp_path / 'w.npz')
+  inception.save_variables(weights, variables)
+  stats = str(tmp_path / 'stats.npz')
+  np.savez(stats, mu=np.full(2048, 0.1), sigma=np.eye(2048) * 0.01)
+  # The shape of test_inception.py's images: XLA's persistent cache (see
+  # tests/conftest.py) then compiles the Inception once for both tests.
+  samples = rng.uniform(-1, 1, size=(2, 32, 32, 3)).astype(np.float32)
+  monkeypatch.setattr(_generative.Generator, '__call__',
+                      lambda self, st, r: samples)
+  entry = dict(features='inception', inception_weights=weights,
+               stats_file=stats, num_samples=2, cache_dir=cache)
+  evs = evaluators_lib.build_evaluators(ml_collections.ConfigDict(dict(
+      fid=dict(entry), inception_score=dict(entry, splits=1))), ctx)
+  figures = {**evs['fid'](state, 1), **evs['inception_score'](state, 1)}
+  # The same (compiled) extractor, on the images converted by hand.
+  extractor = evs['fid']._features.extractor
+  np.testing.assert_array_equal(
+      jax.tree.leaves(extractor.variables)[0],
+      jax.tree.leaves(inception.load_variables(weights))[0])
+  pool, logits = extractor((samples + 1) / 2)
+  assert np.all(np.isfinite(pool)) and pool.std() > 0
+  # Two samples: Σ_g = v vᵀ with v = (f₁ − f₂)/√2 (rank 1), so with
+  # Σ_r = 0.01·I, Tr (Σ_r Σ_g)^{1/2} = √(0.01 ‖v‖²) and
+  # FID = ‖μ_r − μ_g‖² + 0.01·2048 + ‖v‖² − 2·0.1‖v‖.
+  p64 = pool.astype(np.float64)
+  v = (p64[0] - p64[1]) / np.sqrt(2)
+  mu_g = p64.mean(0)
+  want = (np.sum((0.1 - mu_g) ** 2) + 20.48 + v @ v
+          - 2 * 0.1 * np.linalg.norm(v))
+  assert figures['fid_inception'] == pytest.approx(want, rel=1e-6)
+  assert figures['inception_score'] == pytest.approx(
+      inception_score.inception_score(logits, 1)[0], rel=1e-6)

@@ -46,6 +46,15 @@ def test_accumulator_equals_np_cov():
   assert st.count == 257
 
 
+def test_singular_covariances_take_the_eigendecomposition_route():
+  # Fewer samples than dimensions on both sides: no Cholesky factor exists.
+  rng = np.random.default_rng(2)
+  a = frechet.gaussian_stats(rng.normal(size=(4, 8)))
+  b = frechet.gaussian_stats(rng.normal(size=(5, 8)) + 1.0)
+  ref = _sqrtm_reference(a.mu, a.sigma, b.mu, b.sigma)
+  assert frechet.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+
+
 def test_mismatched_dimensions_raise():
   a = frechet.GaussianStats(np.zeros(2), np.eye(2))
   b = frechet.GaussianStats(np.zeros(3), np.eye(3))
