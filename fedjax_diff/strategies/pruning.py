@@ -138,11 +138,18 @@ def taylor_gradients(loss_fn: Callable[..., jax.Array], params: PyTree,
   ε ~ N(0, I) afresh, so the mean covers the whole range of timesteps that
   Diff-Pruning accumulates over.
   """
-  grad_fn = jax.jit(jax.grad(loss_fn))
-  total = jax.tree.map(jnp.zeros_like, params)
-  for k in jax.random.split(rng, num_batches):
-    total = jax.tree.map(jnp.add, total, grad_fn(params, images, labels, k))
-  return jax.tree.map(lambda g: g / num_batches, total)
+  @jax.jit
+  def mean_grad(params, images, labels, keys):
+    def body(total, key):
+      grads = jax.grad(loss_fn)(params, images, labels, key)
+      return jax.tree.map(jnp.add, total, grads), None
+
+    total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
+                            keys)
+    return jax.tree.map(lambda g: g / keys.shape[0], total)
+
+  return mean_grad(params, images, labels,
+                   jax.random.split(rng, num_batches))
 
 
 def select(importance: Channels, groups: list[cg.ChannelGroup],

@@ -25,7 +25,8 @@ Schedules:
   (`pruning.group_lasso`), run as a stage of its own in `<workdir>/sparse`
   (it resumes like any run); then its final global model is pruned and
   compacted, and the run's `num_rounds` rounds train the small model from
-  there. The total budget is `sparse_rounds + num_rounds` rounds.
+  there (server optimizer state and EMA start afresh from the compact
+  model). The total budget is `sparse_rounds + num_rounds` rounds.
 
 Taylor importance needs the diffusion loss on data; the server has none in
 federated learning, so here it uses `taylor_examples` training images
@@ -156,17 +157,6 @@ def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
       'kept_channels': pruning.counts(channels),
   }
   return small, small_params, info
-
-
-def model_config(model_cfg: ml_collections.ConfigDict,
-                 small: unet_lib.UNet) -> ml_collections.ConfigDict:
-  """`config.model` of the compact UNet (for `unet_from_config`)."""
-  out = copy.deepcopy(model_cfg)
-  with out.unlocked():
-    out.stem_width = small.stem_width
-    out.level_widths = tuple(small.level_widths)
-    out.temb_width = small.temb_width
-  return out
 
 
 def sparse_stage_config(config: ml_collections.ConfigDict,

@@ -163,3 +163,19 @@ def test_cifar10_unet_at_ratio_02_matches_fedphd():
   assert small.level_widths == (96, 192, 192, 192)
   small_macs = macs_lib.unet_macs(small, (32, 32, 3), small_shapes)
   assert abs(small_macs / FEDPHD_RATIO_02[1] - 1) < 0.02, small_macs
+
+
+def test_live_group_norm_with_every_channel_live_is_group_norm():
+  # The masked UNet with nothing pruned is the plain UNet (flax GroupNorm).
+  model = _tiny(attn_resolutions=(), num_classes=None)
+  image_shape = (8, 8, 3)
+  params = _random_params(model, image_shape, seed=1)
+  groups = cg.unet_channel_groups(params, model.num_groups)
+  ones = {g.name: jnp.ones(g.size) for g in groups}
+  masks = pruning.expand_masks(params, groups, ones)
+  x = jax.random.normal(jax.random.key(2), (2, *image_shape))
+  t = jnp.array([10, 900])
+  masked = compact_lib.masked_apply_fn(model, masks)(params, x, t)
+  plain = jax.jit(lambda p: model.apply({'params': p}, x, t,
+                                        train=False))(params)
+  np.testing.assert_allclose(masked, plain, atol=2e-5, rtol=1e-5)

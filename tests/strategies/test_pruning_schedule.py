@@ -1,9 +1,12 @@
-"""Trainer runs with config.pruning (FedPhD's structured pruning)."""
+"""config.pruning (FedPhD's structured pruning in a run): the trainer hook
+`pruning_schedule.prepare` and the group lasso of `config.group_lasso`."""
 
 import json
 import os
+import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -11,55 +14,144 @@ import pytest
 from configs import test as test_config
 from fedjax_diff import models
 from fedjax_diff import trainer
+from fedjax_diff.diffusion import make_schedule
+from fedjax_diff.models import channel_groups as cg
+from fedjax_diff.models import compact as compact_lib
+from fedjax_diff.strategies import build
+from fedjax_diff.strategies import pruning
 from fedjax_diff.strategies import pruning_schedule
 
+IMAGE = (8, 8, 1)
 
-def _config(**pruning):
+
+def _config(**pruning_fields):
   config = test_config.get_config()
-  config.num_rounds = 1
-  config.evaluators = ml_collections.ConfigDict(dict(
-      denoising_loss=dict(every_rounds=1, num_examples=16, batch_size=16)))
-  config.pruning = ml_collections.ConfigDict(pruning)
+  config.model = ml_collections.ConfigDict(dict(
+      ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+      dropout=0.0, num_groups=4, num_classes=None, conv_impl='auto'))
+  config.pruning = ml_collections.ConfigDict(pruning_fields)
   return config
+
+
+def _params(model, seed):
+  shapes = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), IMAGE))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def _prepare(config, workdir, params, **kw):
+  model = models.unet_from_config(config.model)
+  schedule = make_schedule('linear', 100)
+  images = np.random.default_rng(0).integers(0, 256, (16, *IMAGE), np.uint8)
+  return pruning_schedule.prepare(
+      config, workdir, model, params, image_shape=IMAGE,
+      loss_fn_for=lambda m: trainer.make_loss_fn(models.make_eps_fn(m),
+                                                 schedule, config),
+      images=images, labels=None, seed=0, log=lambda msg: None, **kw)
 
 
 def test_config_errors():
   with pytest.raises(ValueError, match='ratio'):
     pruning_schedule.config_from(_config(ratio=1.5))
+  with pytest.raises(ValueError, match='ratio'):
+    pruning_schedule.config_from(_config(importance='l2'))
   with pytest.raises(ValueError, match='importance'):
     pruning_schedule.config_from(_config(ratio=0.5, importance='l1'))
   with pytest.raises(ValueError, match='sparse_rounds'):
     pruning_schedule.config_from(_config(ratio=0.5, schedule='after_sparse'))
+  with pytest.raises(ValueError, match='schedule'):
+    pruning_schedule.config_from(_config(ratio=0.5, schedule='during'))
   config = _config(ratio=0.5)
   config.pruning = None
   assert pruning_schedule.config_from(config) is None
 
 
-def test_after_sparse_taylor_run_trains_the_compact_unet(tmp_path):
-  config = _config(ratio=0.5, importance='taylor', schedule='after_sparse',
-                   sparse_rounds=1, lasso=1e-3, taylor_batches=2,
-                   taylor_examples=8)
-  workdir = str(tmp_path / 'run')
-  state = trainer.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    summary = json.load(f)
-  info = summary['pruning']
-  # test config: ch=8, ch_mult=(1, 2), 4 GroupNorm groups; ratio 0.5 keeps
-  # 4 of 8 and 8 of 16 channels, and 16 of the 32 time-embedding ones.
-  assert info['level_widths'] == [4, 8] and info['stem_width'] == 4
-  assert info['temb_width'] == 16
+def test_no_pruning_returns_the_model_unchanged(tmp_path):
+  config = _config()
+  config.pruning = None
+  model = models.unet_from_config(config.model)
+  params = _params(model, 0)
+  got_model, got_params, info = _prepare(config, str(tmp_path), params)
+  assert info is None and got_params is params
+  assert got_model == model
+
+
+def test_before_prunes_and_compacts_the_initial_unet(tmp_path):
+  config = _config(ratio=0.5, importance='l2', schedule='before')
+  model = models.unet_from_config(config.model)
+  params = _params(model, 0)
+  small, small_params, info = _prepare(config, str(tmp_path), params)
+  # ch=8, ch_mult=(1, 2), 4 GroupNorm groups: ratio 0.5 keeps 4 of 8 and 8
+  # of 16 channels, 16 of the 32 time-embedding ones.
+  assert (small.stem_width, tuple(small.level_widths), small.temb_width) == (
+      4, (4, 8), 16)
+  groups = cg.unet_channel_groups(params, 4)
+  channels = pruning.select(pruning.l2_importance(params, groups), groups,
+                            0.5)
+  want = compact_lib.compact_params(params, groups, channels)
+  for a, b in zip(jax.tree.leaves(small_params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  assert info['params_after'] == models.count_params(small_params)
   assert info['params_after'] < 0.4 * info['params_before']
   assert info['macs_after'] < 0.4 * info['macs_before']
-  assert models.count_params(state.params) == info['params_after']
-  # The sparse stage ran the full UNet with the group lasso in its own dir.
-  with open(os.path.join(workdir, 'sparse', 'config.json')) as f:
-    assert json.load(f)['group_lasso'] == 1e-3
-  with open(os.path.join(workdir, 'sparse', 'summary.json')) as f:
-    assert json.load(f)['param_bytes'] == 4 * info['params_before']
-  # Communication counts the compact model.
-  assert summary['param_bytes'] == 4 * info['params_after']
-  model = pruning_schedule.model_for_run(config, workdir)
+  with open(tmp_path / 'pruning.json') as f:
+    assert json.load(f) == json.loads(json.dumps(info))
+  # A tool restoring the run's checkpoint builds the same compact UNet.
+  restored = pruning_schedule.model_for_run(config, str(tmp_path))
   shapes = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), (8, 8, 1)))
+      lambda: models.init_params(restored, jax.random.key(0), IMAGE))
   assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape,
-                                                        state.params)
+                                                        small_params)
+
+
+def test_after_sparse_prunes_the_sparse_stage_model_by_taylor(tmp_path):
+  config = _config(ratio=0.5, importance='taylor', schedule='after_sparse',
+                   sparse_rounds=3, lasso=1e-3, taylor_batches=2,
+                   taylor_examples=8)
+  model = models.unet_from_config(config.model)
+  initial, sparse_trained = _params(model, 0), _params(model, 1)
+  calls = []
+
+  def train_stage(stage_config, stage_dir):
+    calls.append((stage_config, stage_dir))
+    return types.SimpleNamespace(params=sparse_trained)
+
+  small, small_params, info = _prepare(config, str(tmp_path), initial,
+                                       train_stage=train_stage)
+  (stage_config, stage_dir), = calls
+  assert stage_dir == os.path.join(str(tmp_path), 'sparse')
+  assert stage_config.pruning is None
+  assert stage_config.group_lasso == 1e-3
+  assert stage_config.num_rounds == 3
+  assert info['importance'] == 'taylor'
+  assert tuple(small.level_widths) == (4, 8)
+  # The kept channels are sliced from the sparse stage's model (its Taylor
+  # ranking is tested in test_pruning.py), not from the initial one.
+  for name in ('conv_in', 'temb_dense0'):
+    full = np.asarray(sparse_trained[name]['kernel'])
+    cols = np.asarray(small_params[name]['kernel'])
+    for c in range(cols.shape[-1]):
+      assert any(np.array_equal(cols[..., c], full[..., j])
+                 for j in range(full.shape[-1]))
+
+
+def test_config_group_lasso_puts_the_penalty_in_the_client_chain():
+  config = _config()
+  config.pruning = None
+  assert build.client_transforms(config) == []
+  config.group_lasso = 0.01
+  (tx,) = build.client_transforms(config)
+  model = models.unet_from_config(config.model)
+  params = _params(model, 2)
+  groups = cg.unet_channel_groups(params, 4)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  got, _ = jax.jit(lambda p: tx.update(zeros, tx.init(p), p))(params)
+  want = jax.jit(jax.grad(
+      lambda p: 0.01 * pruning.group_lasso_penalty(p, groups)))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  config.group_lasso = -1.0
+  with pytest.raises(ValueError, match='group_lasso'):
+    build.client_transforms(config)
