@@ -197,3 +197,24 @@ def test_mask_upload_sends_only_kept_entries(setup):
   for s, d, m in zip(jax.tree.leaves(sent), jax.tree.leaves(delta),
                      jax.tree.leaves(masks)):
     np.testing.assert_array_equal(s, np.where(m > 0, d, 0.0))
+
+
+def test_mask_then_quantize_counts_the_codes_of_kept_entries(setup):
+  from fedjax_diff.strategies import quantize
+  from fedjax_diff.strategies import upload as upload_lib
+  _, params, groups = setup
+  channels = pruning.select(pruning.l2_importance(params, groups), groups,
+                            0.5)
+  qcfg = quantize.QuantizationConfig(bits=4, granularity='per_channel',
+                                     rounding='nearest',
+                                     scale_method='minmax')
+  up = upload_lib.chain(pruning.mask_upload(groups, channels, send_mask=True),
+                        upload_lib.quantizer(qcfg))
+  small = compact_lib.compact_params(params, groups, channels)
+  # By hand: 4-bit codes of the kept entries, 4 bytes per kept output
+  # channel's scale (per-channel: the last axis of ≥2-D leaves, 1 per 1-D
+  # leaf), and the channel bitmask.
+  want = sum(-(-4 * x.size // 8) + 4 * (x.shape[-1] if x.ndim >= 2 else 1)
+             for x in jax.tree.leaves(small))
+  want += -(-sum(g.size for g in groups) // 8)
+  assert comm.message_bytes(up, params) == want
