@@ -4,8 +4,13 @@ split's class distribution, and the number of classes under 2% of the
 samples (see fedjax_diff/metrics/class_coverage.py for the definitions).
 
 Figures: class_kl, classes_under_2pct, class_entropy, class_frac_<c>, and
-classifier_accuracy (the classifier's test accuracy, to read them by).
+classifier_accuracy (the classifier's test accuracy, to read them by). For
+a class-conditional model (samples asked for classes 0, 1, …, C−1, 0, …)
+also conditional_accuracy: the share of samples classified as the class
+they were asked for.
 """
+
+import numpy as np
 
 import ml_collections
 
@@ -32,4 +37,8 @@ class Evaluator:
     _, logits = self._features.fn(self._generator(state, round_idx))
     out = class_coverage.class_coverage(logits.argmax(1), self._real_dist)
     out['classifier_accuracy'] = self._accuracy
+    labels = self._generator.labels
+    if labels is not None:
+      asked = labels[:len(logits)]
+      out['conditional_accuracy'] = float(np.mean(logits.argmax(1) == asked))
     return out

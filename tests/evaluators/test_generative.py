@@ -178,3 +178,27 @@ def test_inception_fid_and_is_wiring(setup, monkeypatch, tmp_path):
   assert figures['fid_inception'] == pytest.approx(want, rel=1e-6)
   assert figures['inception_score'] == pytest.approx(
       inception_score.inception_score(logits, 1)[0], rel=1e-6)
+
+
+def test_conditional_accuracy_of_a_class_conditional_model(setup,
+                                                           monkeypatch):
+  """Samples asked for classes 0..9, 0..: real images in that label order
+  give the classifier's accuracy on them; shuffled ones about 10%."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  ctx, state, cache = setup
+  ctx = dataclasses.replace(ctx, num_classes=10)
+  train = data_lib.load_dataset('digits', 'train')
+  per_class = [np.flatnonzero(train.labels == c)[:10] for c in range(10)]
+  order = np.stack(per_class, 1).reshape(-1)  # labels 0, 1, ..., 9, 0, ...
+  assert list(train.labels[order[:12]]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+  real = _generative.real_images(train)[order]
+  monkeypatch.setattr(_generative.Generator, '__call__',
+                      lambda self, st, r: real)
+  ev = evaluators_lib.build_evaluators(ml_collections.ConfigDict(dict(
+      class_coverage=dict(num_samples=100, cache_dir=cache))),
+                                       ctx)['class_coverage']
+  got = ev(state, 1)['conditional_accuracy']
+  clf = mnist_classifier.load_or_train('digits', cache, verbose=False)
+  logits, _ = clf.logits_and_features(real)
+  assert got == np.mean(logits.argmax(1) == train.labels[order])
+  assert got > 0.8
