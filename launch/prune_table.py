@@ -18,7 +18,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from fedjax_diff import models
 from fedjax_diff.models import channel_groups as cg
