@@ -70,7 +70,7 @@ def init_state(num_edges):
 
 
 def make_config(**kw):
-  base = dict(num_edges=3, cloud_every=3, agg_a=5.0, agg_b=-1.0,
+  base = dict(num_edges=3, cloud_every=2, agg_a=5.0, agg_b=-1.0,
               selection='greedy', select_scale=20.0, final_cloud=False)
   base.update(kw)
   return hierarchical.HierarchyConfig(**base)
@@ -220,20 +220,20 @@ ROUND_IDS = [[0, 1, 2, 3, 5, 7], [1, 2, 4, 6, 8, 9], [0, 3, 4, 5, 8, 9],
 @pytest.fixture(scope='module')
 def greedy_reference():
   data = make_data()
-  return data, reference_run(data, ROUND_IDS, make_config())
+  return data, reference_run(data, ROUND_IDS[:3], make_config())
 
 
 @pytest.mark.parametrize('mode,num_devices,chunk_size', [
-    ('map', 1, None), ('vmap', 8, None), ('chunked', 1, 2)])
+    ('map', 1, None), ('chunked', 8, 1)])
 def test_round_matches_python_loop(greedy_reference, mode, num_devices,
                                    chunk_size):
-  """Four rounds, 3 edges, cloud at rounds 0 and 3 (k = 3), greedy
+  """Three rounds, 3 edges, cloud at rounds 0 and 2 (k = 2), greedy
   selection: every model, statistic and assignment as the loops say."""
   data, ref = greedy_reference
   cfg = make_config()
-  state, metrics, round_fn = run(data, ROUND_IDS, cfg, num_devices, mode,
+  state, metrics, round_fn = run(data, ROUND_IDS[:3], cfg, num_devices, mode,
                                  chunk_size)
-  assert [m['cloud'] for m in metrics] == [1.0, 0.0, 0.0, 1.0]
+  assert [m['cloud'] for m in metrics] == [1.0, 0.0, 1.0]
   for m, want in zip(metrics, ref['edges']):
     np.testing.assert_array_equal(m['client_edges'][:len(want)], want)
   # The assignments spread over the edges and the model moved.
@@ -254,16 +254,15 @@ def test_round_matches_python_loop(greedy_reference, mode, num_devices,
 
 
 def test_fedphd_selection_round_matches_python_loop():
-  """FedPhD's random selection: the loops take the round's draws, and get
-  the same models on 8 devices; the draws do not depend on the devices."""
+  """FedPhD's random selection on 8 devices (vmap): the loops take the
+  round's draws and get the same models."""
   data = make_data()
   cfg = make_config(selection='fedphd', cloud_every=2, num_edges=2)
   ids = ROUND_IDS[:3]
   state, metrics, _ = run(data, ids, cfg, num_devices=8, mode='vmap')
-  _, metrics1, _ = run(data, ids, cfg, num_devices=1, mode='map')
   drawn = [m['client_edges'] for m in metrics]
-  for m1, d in zip(metrics1, drawn):
-    np.testing.assert_array_equal(m1['client_edges'][:6], d[:6])
+  # Both edges are drawn (the comparison covers more than one edge).
+  assert len({int(e) for d in drawn for e in d[:6]}) == 2
   ref = reference_run(data, ids, cfg, drawn_edges=drawn)
   assert_trees_close(state.params, ref['params'])
   for e in range(2):
@@ -389,6 +388,10 @@ def test_trainer_hierarchy_bytes_and_resume(tmp_path):
 
   config = test_config.get_config()
   config.num_rounds = 3
+  # One level, no attention: the smallest UNet, to compile fast.
+  config.model.ch_mult = (1,)
+  config.model.attn_resolutions = ()
+  config.federation.local_steps = 1
   config.hierarchy = mnist_fedphd.hierarchy_block(agg_a=100, select_scale=40)
   config.hierarchy.cloud_every = 2
   config.evaluators = ml_collections.ConfigDict()
