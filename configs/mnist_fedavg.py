@@ -96,12 +96,12 @@ def get_config(arg=None):
       # num_steps DDIM steps, batch_size at a time), against the train
       # split. Sampling dominates the cost: ~5k image-steps of the UNet.
       # See fedjax_diff/evaluators/_generative.py for every field.
-      fid=dict(every_rounds=10, features='classifier', num_samples=500,
+      fid=dict(every_rounds=20, features='classifier', num_samples=500,
                num_steps=10, batch_size=250),
-      precision_recall=dict(every_rounds=10, features='classifier',
+      precision_recall=dict(every_rounds=20, features='classifier',
                             num_samples=500, num_steps=10, batch_size=250,
                             k=3),
-      class_coverage=dict(every_rounds=10, num_samples=500, num_steps=10,
+      class_coverage=dict(every_rounds=20, num_samples=500, num_steps=10,
                           batch_size=250),
   ))
   config.log_every = 1
