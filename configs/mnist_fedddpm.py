@@ -48,8 +48,11 @@ Command:
   python launch/train.py --config=configs/mnist_fedddpm.py:fedavg \
       --workdir=workdirs/mnist_fedddpm_fedavg
 
-Expected runtime: a few minutes each on a 2-core CPU; measured figures are
-in the README's FedDDPM section.
+Expected runtime: measured 28 min wall clock each for FedDDPM and FedDDPM+
+and 40 min for the 18-round FedAvg, evaluation included, on a 2-core CPU shared
+with 4 other jobs (load average 11–19); an idle machine should need about
+a quarter of that. Results (held-out loss, FID/coverage, server steps, bytes):
+README, "FedDDPM and FedDDPM+ on embedded MNIST".
 """
 
 import ml_collections
