@@ -50,8 +50,8 @@ Command:
 
 Expected runtime: measured 28 min wall clock each for FedDDPM and FedDDPM+
 and 40 min for the 18-round FedAvg, evaluation included, on a 2-core CPU shared
-with 4 other jobs (load average 11–19); an idle machine should need about
-a quarter of that. Results (held-out loss, FID/coverage, server steps, bytes):
+with 4 other jobs (load average 11–19); not measured on an idle machine.
+Results (held-out loss, FID/coverage, server steps, bytes):
 README, "FedDDPM and FedDDPM+ on embedded MNIST".
 """
 
