@@ -10,6 +10,8 @@ the real torchvision and pytorch-fid Python code imports. No weights are
 downloaded: pytorch-fid's loader is replaced by random weights.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,24 @@ def test_npz_round_trip(tmp_path):
   loaded = inception.load_variables(path)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_variables_reads_a_pth_file(torch_fid, tmp_path):
+  """The user-facing path: pytorch-fid's weights saved by torch.save."""
+  import jax  # pylint: disable=g-import-not-at-top
+  _, net = torch_fid
+  path = str(tmp_path / inception.FID_WEIGHTS_FILE)
+  torch.save(net.state_dict(), path)
+  loaded = inception.load_variables(path)
+  want = inception.convert_state_dict(
+      {k: v.numpy() for k, v in net.state_dict().items()})
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Cached next to a downloaded file as .npz, so torch is needed once.
+  cache = str(tmp_path)
+  ext = inception.extractor_from_weights('', cache)
+  assert os.path.exists(os.path.join(
+      cache, inception.FID_WEIGHTS_FILE[:-4] + '.npz'))
+  np.testing.assert_array_equal(
+      np.asarray(jax.tree.leaves(ext.variables)[0]),
+      np.asarray(jax.tree.leaves(want)[0]))
