@@ -27,9 +27,11 @@ import orbax.checkpoint as ocp
 from clu import metric_writers
 
 # Fields that may change between the first run and a resumed one: they change
-# how long or how verbosely a run goes, not what it computes.
+# how long or how verbosely a run goes, or what is measured on it (the
+# evaluators read the server state and never change it), not what it trains.
 RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
-                     'checkpoint_every', 'eval.', 'progress_every_seconds')
+                     'checkpoint_every', 'eval.', 'evaluators.',
+                     'progress_every_seconds')
 
 # Fields added after runs were already written, with the value that gives the
 # behaviour those runs had (FedAvg: no proximal term, float32 uploads). A

@@ -23,6 +23,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
                                'metrics and samples; reused to resume.')
+_JAX_CACHE = flags.DEFINE_string(
+    'jax_cache_dir', os.path.join('~', '.cache', 'fedjax_diff', 'jax'),
+    'Persistent XLA compilation cache: a second run of the same config (or a '
+    'resume) skips compiling the round and the evaluators. Empty disables it.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,6 +41,11 @@ def main(argv):
   # TF is used for data and summaries only: keep it off accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  if _JAX_CACHE.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(_JAX_CACHE.value))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -97,6 +97,20 @@ def test_workdir_from_before_the_strategy_fields(tmp_path):
     assert json.load(f)['upload']['quantize_bits'] == 0
 
 
+def test_evaluators_may_change_on_resume(tmp_path):
+  """Evaluators measure the state and never change it: a run resumes with
+  more, fewer or differently configured evaluators, but not with another
+  learning rate."""
+  config = test_config.get_config()
+  workdir_lib.check_and_write_config(str(tmp_path), config)
+  config = test_config.get_config()
+  config.evaluators = {'denoising_loss': {'every_rounds': 3}}
+  workdir_lib.check_and_write_config(str(tmp_path), config)
+  config.client_optimizer.learning_rate *= 2
+  with pytest.raises(ValueError, match=r'client_optimizer\.learning_rate'):
+    workdir_lib.check_and_write_config(str(tmp_path), config)
+
+
 def test_checkpoint_from_before_client_states(tmp_path):
   """A checkpoint written before ServerState.client_states existed restores
   into a state that keeps no client state."""
