@@ -9,7 +9,8 @@ and the mean over the last `--last` logged rounds (one round's loss is noisy:
 it is a minibatch estimate over random timesteps), the last value of every
 figure named in `--metrics`, the run's total uplink and all-link bytes, and
 the uplink's size relative to the first workdir (the baseline) and to FedAvg
-in float32 (from summary.json).
+in float32. Bytes come from summary.json when the run has finished (it also
+counts one-time uploads and edge↔cloud links), else from the rounds logged.
 """
 
 import math
@@ -54,13 +55,21 @@ def run_row(path: str, metrics: Sequence[str], last: int) -> dict[str, Any]:
   }
   for key in metrics:
     out[key] = last_value(rows, key)
-  out['uplink MiB'] = sum(r.get('uplink_bytes', 0) for r in rows) / 2**20
-  out['total MiB'] = sum(r.get('uplink_bytes', 0) + r.get('downlink_bytes', 0)
-                         for r in rows) / 2**20
   try:
     summary = workdir_lib.read_summary(path)
   except FileNotFoundError:
     summary = {}
+  # summary.json (written at the end of a run) counts everything: one-time
+  # uploads (FedDDPM) and the edge↔cloud links (FedPhD). A run still going
+  # has none yet: then the per-round rows are summed.
+  link_keys = ('uplink_bytes', 'downlink_bytes', 'edge_cloud_uplink_bytes',
+               'edge_cloud_downlink_bytes')
+  uplink = summary.get('total_uplink_bytes',
+                       sum(r.get('uplink_bytes', 0) for r in rows))
+  total = summary.get('total_bytes', sum(r.get(k, 0) for r in rows
+                                         for k in link_keys))
+  out['uplink MiB'] = uplink / 2**20
+  out['total MiB'] = total / 2**20
   out['upload'] = summary.get('upload', '?')
   out['uplink ×fp32'] = summary.get('uplink_compression_vs_fedavg_fp32')
   return out
