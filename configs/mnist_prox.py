@@ -19,7 +19,10 @@ Command:
       --workdir=workdirs/mnist_prox
 
 Expected runtime: as configs/mnist_fedavg.py (the term is one fused
-multiply-add per weight and step). Results: not measured yet.
+multiply-add per weight and step). Results (10 rounds, seed 0, README
+"FedDM-prox and FedDM-quant"): client drift ‖Δ_k‖ 1.38 against FedAvg's
+4.58, held-out ε-loss 0.0506 against 0.0489 (slower progress at this
+budget).
 """
 
 from configs import mnist_fedavg

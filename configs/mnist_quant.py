@@ -19,7 +19,9 @@ Command:
       --workdir=workdirs/mnist_quant4
 
 Expected runtime: as configs/mnist_fedavg.py (quantization is a few
-elementwise passes over Δ per client). Results: not measured yet.
+elementwise passes over Δ per client). Results (10 rounds, seed 0, README
+"FedDM-prox and FedDM-quant"): held-out ε-loss 0.0491 (8 bits) and 0.0493
+(4 bits) against FedAvg's 0.0489, with 3.91× and 7.64× less uplink.
 """
 
 from configs import mnist_fedavg
