@@ -1,6 +1,5 @@
 """launch/bench.py end to end on the test config (nothing about speed)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,19 +8,14 @@ import sys
 from absl import flags
 import pytest
 
+import launch_scripts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_bench():
   """Imports launch/bench.py once (it defines absl flags)."""
-  name = 'fedjax_diff_launch_bench'
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, 'launch', 'bench.py'))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
+  return launch_scripts.load('bench')
 
 
 def _table_rows(stdout):

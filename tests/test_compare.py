@@ -2,12 +2,12 @@
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'launch'))
-import compare  # pylint: disable=g-import-not-at-top
+import launch_scripts
+
+compare = launch_scripts.load('compare')
 
 
 def _workdir(tmp_path, name, losses, uplink, heldout, upload, ratio,

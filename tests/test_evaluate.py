@@ -1,6 +1,5 @@
 """launch/evaluate.py: evaluators on a workdir's checkpoint, no training."""
 
-import importlib.util
 import os
 
 import jax
@@ -17,12 +16,9 @@ from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.diffusion import make_schedule
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    'fedjax_diff_launch_evaluate', os.path.join(_ROOT, 'launch',
-                                                'evaluate.py'))
-evaluate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
+import launch_scripts
+
+evaluate = launch_scripts.load('evaluate')
 
 
 def test_restores_the_checkpoint_and_runs_the_evaluators(tmp_path):

@@ -1,6 +1,5 @@
 """launch/plot.py: figures of several runs against round and bytes."""
 
-import importlib.util
 import json
 import os
 
@@ -8,11 +7,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    'fedjax_diff_launch_plot', os.path.join(_ROOT, 'launch', 'plot.py'))
-plot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plot)
+import launch_scripts
+
+plot = launch_scripts.load('plot')
 
 
 def _workdir(path, uplink, rounds, log_every=1, with_eval=True):
