@@ -39,7 +39,8 @@ def get_config(arg=None):
       attn_resolutions=(16,), dropout=0.1, num_groups=32, num_classes=config_dict.placeholder(int),
       conv_impl='auto'))
   config.client_optimizer = ml_collections.ConfigDict(dict(
-      name='adam', learning_rate=2e-5, warmup_steps=100, grad_clip=1.0))
+      name='adam', learning_rate=2e-5, warmup_steps=100, grad_clip=1.0,
+      keep_state=False))
   config.ema_decay = 0.9999
   gen = dict(every_rounds=200, features='inception', num_samples=10000,
              num_steps=100, batch_size=200, inception_weights='')

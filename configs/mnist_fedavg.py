@@ -53,8 +53,14 @@ def get_config(arg=None):
       schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
 
   # Client optimizer: DDPM's Adam with warmup and gradient clipping at 1.0.
+  # keep_state: each client keeps its Adam moments from round to round (as
+  # DiLoCo's workers, arXiv 2311.08105) instead of starting Adam afresh each
+  # round (False, FedAvg as published). Here, with 20 local steps a round, a
+  # fresh Adam takes sign-like first steps (m̂/√v̂ = ±1) on every weight:
+  # measured on this config, keeping the state gives FID XXX vs YYY.
   config.client_optimizer = ml_collections.ConfigDict(dict(
-      name='adam', learning_rate=2e-3, warmup_steps=100, grad_clip=1.0))
+      name='adam', learning_rate=2e-3, warmup_steps=100, grad_clip=1.0,
+      keep_state=True))
   # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg.
   config.server_optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=1.0))

@@ -66,13 +66,14 @@ def make_round_fn(*, loss_fn: rounds.LossFn,
                   upload: Optional[upload_lib.UploadTransform] = None,
                   mode: str = 'vmap', chunk_size: Optional[int] = None,
                   ema_decay: float = 0.9999, random_flip: bool = False,
+                  keep_client_optimizer_state: bool = False,
                   donate: bool = True):
   """Builds the jitted hierarchical round function.
 
   Args:
     loss_fn, client_optimizer, server_optimizer, mesh, local_steps,
-      batch_size, upload, mode, chunk_size, ema_decay, random_flip, donate:
-      as for `rounds.make_round_fn`.
+      batch_size, upload, mode, chunk_size, ema_decay, random_flip,
+      keep_client_optimizer_state, donate: as for `rounds.make_round_fn`.
     hierarchy: E, k, a, b, the selection method and its scale.
     num_classes: C of the label distributions Q, q (the dataset's classes).
     num_rounds: the run's length; with `hierarchy.final_cloud` its last
@@ -145,8 +146,9 @@ def make_round_fn(*, loss_fn: rounds.LossFn,
           f'{client_ids.shape[0]} client slots do not split over {mesh.size} '
           'devices; pad them with federation.round_slots.')
     check_edges(state.edges, state.params, num_edges, num_classes)
-    rounds.check_client_states(state.client_states, upload, state.params,
-                               data.num_clients)
+    rounds.check_client_states(
+        state.client_states, upload, state.params, data.num_clients,
+        client_optimizer if keep_client_optimizer_state else None)
     edge_state = state.edges
     round_key = jax.random.fold_in(state.rng, state.round)
     keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(client_ids)

@@ -81,7 +81,9 @@ def make_pretrain_fn(*, loss_fn: rounds.LossFn,
 
     def one(xs):
       imgs, lbls, cnt, key = xs
-      return train(init_params, imgs, lbls, cnt, key, jnp.zeros((), jnp.int32))
+      params, loss, _ = train(init_params, imgs, lbls, cnt, key,
+                              jnp.zeros((), jnp.int32))
+      return params, loss
 
     xs = (images, labels, counts, keys)
     if mode == 'vmap':

@@ -6,7 +6,8 @@ Client optimizers are optax chains called once per local step as
 
 where `global_step` counts local steps since the start of training
 (`round * local_steps + step`), so learning-rate warmup spans rounds even
-though each client starts a fresh optimizer state every round (as in FedAvg).
+though each client starts a fresh optimizer state every round (as in FedAvg;
+with `keep_state` clients carry it over instead, see `rounds.make_round_fn`).
 Transforms that need neither extra argument ignore them (`optax.chain`).
 """
 
@@ -58,7 +59,7 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
   Args:
     cfg: fields `name` ('adam' or 'sgd'), `learning_rate`, `warmup_steps`,
       `grad_clip` (global norm; 0 disables), optional `b1`, `b2`, `eps`,
-      `momentum`.
+      `momentum`. (`keep_state` is read by the trainer, not here.)
     extra: transforms applied first to the raw gradients (e.g. the FedProx
       term, which must see the gradient before clipping and Adam scaling).
   """

@@ -28,12 +28,14 @@ that folded with k's global id, so a client's training does not depend on the
 slot or device it lands on, nor on the number of devices. Its upload key is
 `fold_in(client_key, upload.UPLOAD_KEY_TAG)` (`upload_key`).
 
-Per-client state (`ServerState.client_states`, e.g. the upload path's
-error-feedback residuals under key 'upload') has one row per client of the
-federation, sharded over `clients` like the client data. The round gathers the rows of its client ids, passes
-them through `shard_map` with the clients, and scatters the updated rows back
-for real clients only (mask > 0); padding slots write nothing. It is empty,
-and costs nothing, when the upload transform keeps no state.
+Per-client state (`ServerState.client_states`: the upload path's
+error-feedback residuals under key 'upload', the client optimizer's state
+under 'optimizer' when clients keep it across rounds) has one row per client
+of the federation, sharded over `clients` like the client data. The round
+gathers the rows of its client ids, passes them through `shard_map` with the
+clients, and scatters the updated rows back for real clients only
+(mask > 0); padding slots write nothing. It is empty, and costs nothing, when
+no component keeps client state (FedAvg).
 """
 
 import math
@@ -144,16 +146,22 @@ def make_local_training(loss_fn: LossFn,
                         random_flip: bool = False):
   """Local training of one client: `local_steps` steps under `lax.scan`.
 
-  Returns `train(global_params, images, labels, count, key, round)
-  -> (params, mean_loss)`, with `images` the client's uint8
-  `[max_n, H, W, C]`. Keys: `order_key, train_key = split(key)`; step s uses
-  `fold_in(train_key, s)` split into (flip, loss) keys.
+  Returns `train(global_params, images, labels, count, key, round,
+  opt_state=None) -> (params, mean_loss, opt_state)`, with `images` the
+  client's uint8 `[max_n, H, W, C]`. The client optimizer starts from
+  `opt_state` when given (a client that keeps its optimizer state across
+  rounds, see `make_client_fn`), else from a fresh `init` (FedAvg); the
+  returned `opt_state` is the one after the last step. Keys:
+  `order_key, train_key = split(key)`; step s uses `fold_in(train_key, s)`
+  split into (flip, loss) keys.
   """
 
-  def train(global_params, images, labels, count, key, round_idx):
+  def train(global_params, images, labels, count, key, round_idx,
+            opt_state=None):
     order_key, train_key = jax.random.split(key)
     order = epoch_order(order_key, count, images.shape[0])
-    opt_state = client_optimizer.init(global_params)
+    if opt_state is None:
+      opt_state = client_optimizer.init(global_params)
 
     def step(carry, s):
       params, opt_state = carry
@@ -166,9 +174,9 @@ def make_local_training(loss_fn: LossFn,
           global_step=round_idx * local_steps + s)
       return (optax.apply_updates(params, updates), opt_state), loss
 
-    (params, _), losses = jax.lax.scan(step, (global_params, opt_state),
-                                       jnp.arange(local_steps))
-    return params, losses.mean()
+    (params, opt_state), losses = jax.lax.scan(
+        step, (global_params, opt_state), jnp.arange(local_steps))
+    return params, losses.mean(), opt_state
 
   return train
 
@@ -187,8 +195,8 @@ def make_client_update(loss_fn: LossFn,
                               batch_size, random_flip)
 
   def client_update(global_params, images, labels, count, key, round_idx):
-    params, loss = train(global_params, images, labels, count, key,
-                         round_idx)
+    params, loss, _ = train(global_params, images, labels, count, key,
+                            round_idx)
     return jax.tree.map(jnp.subtract, params, global_params), loss
 
   return client_update
@@ -219,12 +227,18 @@ def make_client_fn(train, upload: Optional[upload_lib.UploadTransform]):
   Returns:
     `client_fn(start_params, images, labels, count, key, client_state,
     round) -> (delta_hat, client_state, loss, ‖Δ‖, ‖Δ̂ − Δ‖)` with
-    Δ = θ_k − start_params.
+    Δ = θ_k − start_params. When `client_state` holds the client's optimizer
+    state (key `state.CLIENT_OPTIMIZER`), local training continues from it
+    and the state after the last local step replaces it.
   """
 
   def client_fn(start_params, images, labels, count, key, client_state,
                 round_idx):
-    params, loss = train(start_params, images, labels, count, key, round_idx)
+    opt_state = client_state.get(state_lib.CLIENT_OPTIMIZER)
+    params, loss, opt_state = train(start_params, images, labels, count, key,
+                                    round_idx, opt_state)
+    if state_lib.CLIENT_OPTIMIZER in client_state:
+      client_state = {**client_state, state_lib.CLIENT_OPTIMIZER: opt_state}
     delta = jax.tree.map(jnp.subtract, params, start_params)
     norm = tree_norm(delta)
     if upload is None:
@@ -253,6 +267,7 @@ def make_round_fn(*, loss_fn: LossFn,
                   upload: Optional[upload_lib.UploadTransform] = None,
                   mode: str = 'vmap', chunk_size: Optional[int] = None,
                   ema_decay: float = 0.9999, random_flip: bool = False,
+                  keep_client_optimizer_state: bool = False,
                   donate: bool = True):
   """Builds the jitted round function.
 
@@ -275,6 +290,13 @@ def make_round_fn(*, loss_fn: LossFn,
     ema_decay: decay of the EMA of the global parameters (with warmup,
       `ema_decay_at`).
     random_flip: random horizontal flips of local batches.
+    keep_client_optimizer_state: each client keeps its optimizer state (e.g.
+      Adam's moments) from one round it takes part in to the next, as the
+      workers of DiLoCo (Douillard et al. 2023, arXiv 2311.08105) keep their
+      inner AdamW state, instead of starting from `init` every round (FedAvg,
+      McMahan et al. 2017). The rows live in
+      `state.client_states['optimizer']` (`state.init_client_states(...,
+      client_optimizer=...)`); nothing extra is communicated.
     donate: donate the input state's buffers to the output.
 
   Returns:
@@ -341,8 +363,9 @@ def make_round_fn(*, loss_fn: LossFn,
       raise ValueError(
           f'{client_ids.shape[0]} client slots do not split over {mesh.size} '
           'devices; pad them with federation.round_slots.')
-    check_client_states(state.client_states, upload, state.params,
-                        data.num_clients)
+    check_client_states(
+        state.client_states, upload, state.params, data.num_clients,
+        client_optimizer if keep_client_optimizer_state else None)
     round_key = jax.random.fold_in(state.rng, state.round)
     keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(client_ids)
     images = data.images[client_ids]
@@ -384,24 +407,24 @@ def make_round_fn(*, loss_fn: LossFn,
   return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
 
 
-def check_client_states(client_states, upload, params, num_clients: int):
-  """Raises a ValueError unless `client_states` fits `upload` (trace time).
+def check_client_states(client_states, upload, params, num_clients: int,
+                        client_optimizer=None):
+  """Raises a ValueError unless `client_states` fits (trace time).
 
-  They fit when `client_states` is `{}` and the upload keeps no state, or
-  `{'upload': upload.init_client_state(params)}` with a leading axis of
-  `num_clients` on every leaf.
+  They fit when `client_states` is `state.client_state_shapes(upload, params,
+  client_optimizer)` (`{}` for FedAvg) with a leading axis of `num_clients`
+  on every leaf.
   """
-  one = (jax.eval_shape(upload.init_client_state, params)
-         if upload is not None else ())
-  want = {state_lib.UPLOAD: one} if jax.tree.leaves(one) else {}
+  want = state_lib.client_state_shapes(upload, params, client_optimizer)
   how = ('Build them with fedjax_diff.state.init_client_states(upload, '
-         'params, data.num_clients).')
+         'params, data.num_clients, client_optimizer=...).')
   if jax.tree.structure(client_states) != jax.tree.structure(want):
     raise ValueError(
         'state.client_states does not match the upload transform '
-        f'{getattr(upload, "name", None)!r}: got the tree '
-        f'{jax.tree.structure(client_states)}, expected '
-        f'{jax.tree.structure(want)}. {how}')
+        f'{getattr(upload, "name", None)!r} and the client optimizer '
+        f'({"kept" if client_optimizer is not None else "not kept"} across '
+        f'rounds): got the tree {jax.tree.structure(client_states)}, '
+        f'expected {jax.tree.structure(want)}. {how}')
   for got, one in zip(jax.tree.leaves(client_states), jax.tree.leaves(want)):
     if tuple(got.shape) != (num_clients,) + tuple(one.shape):
       raise ValueError(

@@ -28,8 +28,9 @@ class ServerState:
       `fold_in(rng, r)`, so a resumed run draws the same numbers.
     client_states: state that each client keeps across rounds, keyed by the
       component that owns it: `'upload'` for the upload path (e.g.
-      error-feedback residuals); later client-side strategies add their own
-      key. Every leaf has one row per client of the federation on axis 0
+      error-feedback residuals), `'optimizer'` for the client optimizer's
+      state when clients keep it across rounds; later client-side
+      strategies add their own key. Every leaf has one row per client of the federation on axis 0
       (padding clients included, as in `federation.ClientData`) and is
       sharded over the mesh axis `clients`. `{}` when no component keeps
       client state, so FedAvg carries nothing. In a real deployment each
@@ -50,6 +51,9 @@ class ServerState:
 
 # The key of `ServerState.client_states` owned by the upload path.
 UPLOAD = 'upload'
+# The key of the client optimizer's state, when clients keep it across rounds
+# (`config.client_optimizer.keep_state`).
+CLIENT_OPTIMIZER = 'optimizer'
 
 
 def init_server_state(params: PyTree,
@@ -79,8 +83,29 @@ def init_server_state(params: PyTree,
   )
 
 
+def _client_state(upload, params: PyTree, client_optimizer) -> PyTree:
+  """One client's initial state: `{'upload': ..., 'optimizer': ...}`, each
+  key present only when its component keeps state."""
+  one = {}
+  if upload is not None:
+    z = upload.init_client_state(params)
+    if jax.tree.leaves(z):
+      one[UPLOAD] = z
+  if client_optimizer is not None:
+    one[CLIENT_OPTIMIZER] = client_optimizer.init(params)
+  return one
+
+
+def client_state_shapes(upload, params: PyTree,
+                        client_optimizer=None) -> PyTree:
+  """Shapes of one client's state (no leading client axis); `{}` if none."""
+  return jax.eval_shape(lambda p: _client_state(upload, p, client_optimizer),
+                        params)
+
+
 def init_client_states(upload, params: PyTree, num_clients: int,
-                       mesh: Optional[Mesh] = None) -> PyTree:
+                       mesh: Optional[Mesh] = None,
+                       client_optimizer=None) -> PyTree:
   """Every client's initial state, stacked on a leading axis of `num_clients`.
 
   Args:
@@ -91,12 +116,16 @@ def init_client_states(upload, params: PyTree, num_clients: int,
     mesh: if given, the rows are created directly sharded over `clients`
       (no device ever holds all of them); `num_clients` must then split
       evenly over the mesh, as `federation.shard_client_data` ensures.
+    client_optimizer: the client optimizer when clients keep its state across
+      rounds (`rounds.make_round_fn(keep_client_optimizer_state=True)`);
+      None when each round starts it afresh (FedAvg).
 
   Returns:
-    `{'upload': rows}`, or `{}` when `upload` is None or keeps no state.
+    `{'upload': rows, 'optimizer': rows}`, each key present only when its
+    component keeps state: `{}` for FedAvg.
   """
-  if upload is None or not jax.tree.leaves(
-      jax.eval_shape(upload.init_client_state, params)):
+  if not jax.tree.leaves(client_state_shapes(upload, params,
+                                             client_optimizer)):
     return {}
   if mesh is not None and num_clients % mesh.size:
     raise ValueError(f'{num_clients} client rows do not split over '
@@ -104,9 +133,9 @@ def init_client_states(upload, params: PyTree, num_clients: int,
                      'data padded by federation.shard_client_data.')
 
   def build(p):
-    return {UPLOAD: jax.tree.map(
+    return jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
-        upload.init_client_state(p))}
+        _client_state(upload, p, client_optimizer))
 
   shardings = (NamedSharding(mesh, P(federation.CLIENTS))
                if mesh is not None else None)
@@ -121,6 +150,8 @@ def place_state(state: ServerState, mesh: Mesh) -> ServerState:
   """
   client_states = state.client_states
   state = federation.replicate(state.replace(client_states={}), mesh)
-  client_states = jax.device_put(
-      client_states, NamedSharding(mesh, P(federation.CLIENTS)))
+  # On a one-device mesh the round returns these rows as P() (XLA's
+  # canonical form there); placing them so avoids a second compilation.
+  spec = P(federation.CLIENTS) if mesh.size > 1 else P()
+  client_states = jax.device_put(client_states, NamedSharding(mesh, spec))
   return state.replace(client_states=client_states)

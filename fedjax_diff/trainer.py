@@ -176,8 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   upload = strategies_build.upload_from_config(
       config, eps_fn=eps_fn, schedule=schedule, image_shape=image_shape,
       num_classes=config.model.get('num_classes'))
+  # Clients that keep their optimizer state across rounds (DiLoCo-style);
+  # False: a fresh client optimizer every round, as in FedAvg.
+  keep_opt = bool(config.client_optimizer.get('keep_state', False))
   client_states = state_lib.init_client_states(
-      upload, params, client_data.num_clients, mesh)
+      upload, params, client_data.num_clients, mesh,
+      client_optimizer=client_opt if keep_opt else None)
   # FedPhD's edge servers (config.hierarchy; None = flat FedAvg).
   hier = hierarchical.config_from(config)
   state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1),
@@ -203,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       local_steps=int(fed.local_steps), batch_size=int(fed.batch_size),
       upload=upload, mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
       ema_decay=float(config.ema_decay),
-      random_flip=bool(config.data.get('random_flip', False)))
+      random_flip=bool(config.data.get('random_flip', False)),
+      keep_client_optimizer_state=keep_opt)
 
   metrics_log = workdir_lib.MetricsLog(workdir)
   ctx = evaluators_lib.EvalContext(
@@ -219,7 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mu = float(config.get('prox_mu', 0.0) or 0.0)
   log(f'Rounds {start}..{num_rounds}: {per_round} of {fed.num_clients} '
       f'clients per round, {fed.local_steps} local steps of batch '
-      f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}; upload '
+      f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
+      f'{", client optimizer state kept across rounds" if keep_opt else ""}'
+      f'; upload '
       f'{upload.name if upload else "fp32"}: '
       f'{traffic["uplink_bytes"] / 2**20:.2f} MiB up and '
       f'{traffic["downlink_bytes"] / 2**20:.2f} MiB down per round.')

@@ -38,7 +38,8 @@ RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
 # workdir whose config.json lacks one of them is read as holding this value,
 # so a FedAvg run from before resumes with today's default config, and one
 # resumed with e.g. --config.upload.quantize_bits=4 is refused. These are the
-# defaults of configs/mnist_fedavg.py (a test keeps them in sync).
+# defaults of configs/mnist_fedavg.py (a test keeps them in sync), except
+# client_optimizer.keep_state, which that config turns on.
 ADDED_FIELDS = {
     'prox_mu': 0.0,
     'upload.quantize_bits': 0,
@@ -50,6 +51,7 @@ ADDED_FIELDS = {
     'upload.calib_steps': 4,
     'upload.calib_t_frac': 0.4,
     'upload.calib_t_spread': 0.05,
+    'client_optimizer.keep_state': False,
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 from fedjax_diff import federation
 from fedjax_diff import optimizers
 from fedjax_diff import rounds
+from fedjax_diff import state as state_lib
 from fedjax_diff.state import init_server_state
 
 LOCAL_STEPS = 3
@@ -69,9 +70,12 @@ def init_state():
   return init_server_state(params, SERVER_OPT, jax.random.PRNGKey(42))
 
 
-def reference_round(state, data, client_ids, client_opt_name='sgd'):
+def reference_round(state, data, client_ids, client_opt_name='sgd',
+                    opt_states=None):
   """FedAvg round written as plain Python loops, following the documented
-  key scheme of `rounds.make_client_update`."""
+  key scheme of `rounds.make_client_update`. With `opt_states` (a dict
+  client id → optimizer state, updated in place), clients start from and
+  keep their own optimizer state; a missing id starts from `init`."""
   opt = client_opt(client_opt_name)
   round_idx = int(state.round)
   round_key = jax.random.fold_in(state.rng, round_idx)
@@ -87,6 +91,8 @@ def reference_round(state, data, client_ids, client_opt_name='sgd'):
     order = rounds.epoch_order(order_key, count, images.shape[0])
     params = global_params
     opt_state = opt.init(params)
+    if opt_states is not None:
+      opt_state = opt_states.get(int(cid), opt_state)
     client_losses = []
     for s in range(LOCAL_STEPS):
       flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
@@ -98,6 +104,8 @@ def reference_round(state, data, client_ids, client_opt_name='sgd'):
           global_step=round_idx * LOCAL_STEPS + s)
       params = optax.apply_updates(params, updates)
       client_losses.append(float(loss))
+    if opt_states is not None:
+      opt_states[int(cid)] = opt_state
     deltas.append(jax.tree.map(lambda a, b: np.asarray(a, np.float64) -
                                np.asarray(b, np.float64), params,
                                global_params))
@@ -184,6 +192,57 @@ def test_adam_round_matches_python_loop():
     ref_state, _ = reference_round(ref_state, data, ids, 'adam')
   state, _, _ = run_rounds('vmap', 1, None, data, ROUND_IDS, 'adam')
   assert_trees_close(state.params, ref_state.params, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('mode,num_devices', [('vmap', 8), ('map', 1)])
+def test_kept_client_optimizer_state_matches_python_loop(mode, num_devices):
+  """Clients that keep their optimizer state across rounds (momentum here):
+  the round equals the loop that carries each client's own state, clients
+  that sit a round out keep theirs untouched, and padding writes nothing."""
+  data = make_data()
+  ref_state, ref_opt = init_state(), {}
+  for ids in ROUND_IDS:
+    ref_state, _ = reference_round(ref_state, data, ids, opt_states=ref_opt)
+
+  mesh = federation.client_mesh(jax.devices()[:num_devices])
+  opt = client_opt()
+  round_fn = rounds.make_round_fn(
+      loss_fn=loss_fn, client_optimizer=opt, server_optimizer=SERVER_OPT,
+      mesh=mesh, local_steps=LOCAL_STEPS, batch_size=BATCH, mode=mode,
+      ema_decay=EMA, keep_client_optimizer_state=True)
+  sharded = federation.shard_client_data(data, mesh)
+  state = init_state()
+  state = state_lib.place_state(state.replace(
+      client_states=state_lib.init_client_states(
+          None, state.params, sharded.num_clients, mesh,
+          client_optimizer=opt)), mesh)
+  for ids in ROUND_IDS:
+    state, _ = round_fn(state, sharded, *federation.round_slots(ids,
+                                                                num_devices))
+  assert_trees_close(state.params, ref_state.params)
+  rows = state.client_states[state_lib.CLIENT_OPTIMIZER]
+  fresh = opt.init(init_state().params)
+  for cid in range(data.num_clients):
+    want = ref_opt.get(cid, fresh)
+    assert_trees_close(jax.tree.map(lambda x: x[cid], rows), want)
+  assert round_fn._cache_size() == 1
+
+  # Not a no-op: resetting the optimizer every round ends elsewhere.
+  reset, _, _ = run_rounds(mode, num_devices, None, data, ROUND_IDS)
+  gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(reset.params), jax.tree.leaves(state.params)))
+  assert gap > 1e-4
+
+
+def test_kept_client_optimizer_state_must_be_built():
+  data = make_data()
+  mesh = federation.client_mesh(jax.devices()[:1])
+  round_fn = rounds.make_round_fn(
+      loss_fn=loss_fn, client_optimizer=client_opt(),
+      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
+      batch_size=BATCH, keep_client_optimizer_state=True)
+  with pytest.raises(ValueError, match='client optimizer.*kept across'):
+    round_fn(init_state(), data, *federation.round_slots(ROUND_IDS[0], 1))
 
 
 def test_padding_slots_change_nothing():

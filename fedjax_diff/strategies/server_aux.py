@@ -99,8 +99,8 @@ def make_server_update(*, loss_fn: rounds.LossFn,
     key = jax.random.fold_in(
         jax.random.fold_in(state.rng, SERVER_AUX_KEY_TAG), state.round)
     count = jnp.asarray(images.shape[0], jnp.int32)
-    params, loss = train(state.params, images, labels, count, key,
-                         jnp.zeros((), jnp.int32))
+    params, loss, _ = train(state.params, images, labels, count, key,
+                            jnp.zeros((), jnp.int32))
     d = rounds.ema_decay_at(ema_decay, state.round - 1)
     ema = jax.tree.map(lambda e, new, old: e + (1.0 - d) * (new - old),
                        state.ema_params, params, state.params)
