@@ -103,6 +103,9 @@ def get_config(arg=None):
     raise ValueError(f"configs/mnist_fedddpm.py takes no argument or "
                      f"'fedavg'; got {arg!r}.")
   config = mnist_fedavg.get_config()
+  # As in the paper and in the measurements below: each client starts Adam
+  # afresh every round (configs/mnist_fedavg.py keeps it; see there).
+  config.client_optimizer.keep_state = False
   config.num_rounds = 8
   config.federation.local_steps = 10
   config.model.num_classes = 10

@@ -3,7 +3,9 @@ r"""FedDM-quant: FedAvg of the MNIST DDPM UNet with quantized client uploads.
 Reproduces: FedDM-quant (arXiv 2407.14730) at laptop scale: each client
 uploads its update Δ quantized to `bits` bits (per output channel,
 stochastic rounding, minmax scales), everything else as in
-configs/mnist_fedavg.py (same seed, rounds, clients, partition, model).
+configs/mnist_fedavg.py (same seed, rounds, clients, partition, model) with
+`--config.client_optimizer.keep_state=False` (a fresh client Adam every
+round, as in the paper).
 
 `get_config(arg)`: arg is the bit width, 8 (default), 4 or 2, passed as
 `--config=configs/mnist_quant.py:4`. Uplink per client and round for this
@@ -46,6 +48,9 @@ def bits_from_arg(arg) -> int:
 
 def get_config(arg=None):
   config = mnist_fedavg.get_config()
+  # As in the paper and in the measurements below: each client starts Adam
+  # afresh every round (configs/mnist_fedavg.py keeps it; see there).
+  config.client_optimizer.keep_state = False
   config.upload.quantize_bits = bits_from_arg(arg)
   config.upload.granularity = 'per_channel'
   config.upload.rounding = 'stochastic'
