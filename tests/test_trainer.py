@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
+from fedjax_diff import federation
 from fedjax_diff import trainer
 from fedjax_diff import workdir as workdir_lib
 
@@ -53,7 +54,19 @@ def test_workdir_contract(straight_run):
     assert row['uplink_bytes'] == row['downlink_bytes'] == 3 * param_bytes
     assert row['client_drift'] > 0 and 'upload_rel_error' not in row
   assert int(state.round) == 4
-  assert state.client_states == {}  # FedAvg keeps no client state.
+  # The reference config's clients keep their Adam state across rounds: one
+  # row per client, whose step count is the local steps it has run.
+  assert set(state.client_states) == {'optimizer'}
+  counts = [np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(
+      state.client_states['optimizer']) if 'count' in jax.tree_util.keystr(path)]
+  assert len(counts) == 1
+  config = _config(4)
+  fed = config.federation
+  want = np.zeros(counts[0].shape[0], np.int64)
+  for r in range(4):
+    want[federation.sample_clients(fed.num_clients, fed.clients_per_round,
+                                   config.seed, r)] += fed.local_steps
+  np.testing.assert_array_equal(counts[0], want)
   summary = workdir_lib.read_summary(workdir)
   assert summary['total_uplink_bytes'] == 4 * 3 * param_bytes
   assert summary['total_bytes'] == 2 * 4 * 3 * param_bytes
