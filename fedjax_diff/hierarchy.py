@@ -42,6 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from fedjax_diff import comm
 from fedjax_diff import federation
 from fedjax_diff import rounds
+from fedjax_diff import state as state_lib
 from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies import hierarchical
@@ -137,7 +138,7 @@ def make_round_fn(*, loss_fn: rounds.LossFn,
       in_specs=(P(), P(clients), P(clients), P(clients), P(clients),
                 P(clients), P(clients), P(clients), P()),
       out_specs=(P(), P(clients), P(clients), P(clients), P(clients)))
-  client_sharding = jax.sharding.NamedSharding(mesh, P(clients))
+  client_sharding = state_lib.client_rows_sharding(mesh)
 
   def round_fn(state: ServerState, data: federation.ClientData,
                client_ids: jax.Array, client_mask: jax.Array):

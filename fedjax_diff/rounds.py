@@ -355,7 +355,7 @@ def make_round_fn(*, loss_fn: LossFn,
       in_specs=(P(), P(clients), P(clients), P(clients), P(clients),
                 P(clients), P(clients), P()),
       out_specs=(P(), P(clients), P(clients), P(clients), P(clients)))
-  client_sharding = jax.sharding.NamedSharding(mesh, P(clients))
+  client_sharding = state_lib.client_rows_sharding(mesh)
 
   def round_fn(state: ServerState, data: federation.ClientData,
                client_ids: jax.Array, client_mask: jax.Array):

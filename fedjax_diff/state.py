@@ -30,8 +30,9 @@ class ServerState:
       component that owns it: `'upload'` for the upload path (e.g.
       error-feedback residuals), `'optimizer'` for the client optimizer's
       state when clients keep it across rounds; later client-side
-      strategies add their own key. Every leaf has one row per client of the federation on axis 0
-      (padding clients included, as in `federation.ClientData`) and is
+      strategies add their own key. Every leaf has one row per client of the
+      federation on axis 0 (padding clients included, as in
+      `federation.ClientData`) and is
       sharded over the mesh axis `clients`. `{}` when no component keeps
       client state, so FedAvg carries nothing. In a real deployment each
       client holds its own rows; the simulation keeps them with the server
@@ -137,8 +138,7 @@ def init_client_states(upload, params: PyTree, num_clients: int,
         lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
         _client_state(upload, p, client_optimizer))
 
-  shardings = (NamedSharding(mesh, P(federation.CLIENTS))
-               if mesh is not None else None)
+  shardings = client_rows_sharding(mesh) if mesh is not None else None
   return jax.jit(build, out_shardings=shardings)(params)
 
 
@@ -150,8 +150,15 @@ def place_state(state: ServerState, mesh: Mesh) -> ServerState:
   """
   client_states = state.client_states
   state = federation.replicate(state.replace(client_states={}), mesh)
-  # On a one-device mesh the round returns these rows as P() (XLA's
-  # canonical form there); placing them so avoids a second compilation.
-  spec = P(federation.CLIENTS) if mesh.size > 1 else P()
-  client_states = jax.device_put(client_states, NamedSharding(mesh, spec))
+  client_states = jax.device_put(client_states, client_rows_sharding(mesh))
   return state.replace(client_states=client_states)
+
+
+def client_rows_sharding(mesh: Mesh) -> NamedSharding:
+  """Where per-client rows live: split over `clients`.
+
+  On a one-device mesh this is written P(), the form in which the round
+  returns them there, so that the round's input and output placements are
+  equal and it compiles once.
+  """
+  return NamedSharding(mesh, P(federation.CLIENTS) if mesh.size > 1 else P())

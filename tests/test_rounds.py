@@ -128,13 +128,20 @@ def reference_round(state, data, client_ids, client_opt_name='sgd',
                        round=state.round + 1), loss
 
 
+def make_round(mesh, client_optimizer=None, **kwargs):
+  """The round under test: TinyDenoiser's loss, LOCAL_STEPS of BATCH, and
+  `client_opt()` unless another client optimizer is given."""
+  return rounds.make_round_fn(
+      loss_fn=loss_fn, client_optimizer=client_optimizer or client_opt(),
+      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
+      batch_size=BATCH, **kwargs)
+
+
 def run_rounds(mode, num_devices, chunk_size, data, rounds_ids,
                client_opt_name='sgd'):
   mesh = federation.client_mesh(jax.devices()[:num_devices])
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(client_opt_name),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, mode=mode, chunk_size=chunk_size, ema_decay=EMA)
+  round_fn = make_round(mesh, client_opt(client_opt_name), mode=mode,
+                        chunk_size=chunk_size, ema_decay=EMA)
   sharded = federation.shard_client_data(data, mesh)
   state = federation.replicate(init_state(), mesh)
   losses = []
@@ -206,10 +213,8 @@ def test_kept_client_optimizer_state_matches_python_loop(mode, num_devices):
 
   mesh = federation.client_mesh(jax.devices()[:num_devices])
   opt = client_opt()
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=opt, server_optimizer=SERVER_OPT,
-      mesh=mesh, local_steps=LOCAL_STEPS, batch_size=BATCH, mode=mode,
-      ema_decay=EMA, keep_client_optimizer_state=True)
+  round_fn = make_round(mesh, opt, mode=mode, ema_decay=EMA,
+                        keep_client_optimizer_state=True)
   sharded = federation.shard_client_data(data, mesh)
   state = init_state()
   state = state_lib.place_state(state.replace(
@@ -237,10 +242,7 @@ def test_kept_client_optimizer_state_matches_python_loop(mode, num_devices):
 def test_kept_client_optimizer_state_must_be_built():
   data = make_data()
   mesh = federation.client_mesh(jax.devices()[:1])
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, keep_client_optimizer_state=True)
+  round_fn = make_round(mesh, keep_client_optimizer_state=True)
   with pytest.raises(ValueError, match='client optimizer.*kept across'):
     round_fn(init_state(), data, *federation.round_slots(ROUND_IDS[0], 1))
 
@@ -248,10 +250,7 @@ def test_kept_client_optimizer_state_must_be_built():
 def test_padding_slots_change_nothing():
   data = make_data()
   mesh = federation.client_mesh(jax.devices()[:1])
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, mode='vmap', ema_decay=EMA, donate=False)
+  round_fn = make_round(mesh, mode='vmap', ema_decay=EMA, donate=False)
   ids = ROUND_IDS[0]
   state = init_state()
   plain, _ = round_fn(state, data, *federation.round_slots(ids, 1))
@@ -270,10 +269,7 @@ def test_client_result_independent_of_slot():
   """A client's update depends on its global id, not on where it runs."""
   data = make_data()
   mesh = federation.client_mesh(jax.devices()[:1])
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, mode='vmap', ema_decay=EMA, donate=False)
+  round_fn = make_round(mesh, mode='vmap', ema_decay=EMA, donate=False)
   state = init_state()
   a = np.array([3, 7], np.int32)
   _, m1 = round_fn(state, data, a, np.ones(2, np.float32))
