@@ -47,8 +47,9 @@ def apply_fedddpm(config, arg, *, aux_per_class: int):
                      "'plus' or 'fedavg'.")
   config.model.num_classes = config.model.get('num_classes') or 10
   config.diffusion.cond_drop_prob = 0.1
+  config.algorithm = 'fedavg' if arg == 'fedavg' else 'fedddpm'
   config.fedddpm = mnist_fedddpm.fedddpm_fields(
-      enabled=arg != 'fedavg', plus=arg == 'plus',
+      plus=arg == 'plus',
       pretrain_steps=2000, pretrain_batch_size=0,
       aux_per_class=aux_per_class, aux_sample_steps=50, aux_sample_batch=100,
       guidance_scale=2.0, heldout_fraction=0.1,

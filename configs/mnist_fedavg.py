@@ -24,6 +24,10 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.num_rounds = 40
+  # The federated algorithm: a module of fedjax_diff/algorithms ('fedavg',
+  # 'fedphd' with config.hierarchy, 'fedddpm' with config.fedddpm,
+  # 'scaffold'). Prox, quantization and pruning compose with any of them.
+  config.algorithm = 'fedavg'
 
   # Data: a dataset name (embedded: digits, mnist5k; else a TFDS name) and
   # its TFDS data_dir; image_size resizes TFDS images (None: native).

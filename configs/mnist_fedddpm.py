@@ -63,7 +63,6 @@ from configs import mnist_fedavg
 def fedddpm_fields(**overrides) -> ml_collections.ConfigDict:
   """`config.fedddpm`: every field, with the MNIST values.
 
-  enabled: run FedDDPM (False: plain FedAvg, every other field ignored).
   plus: FedDDPM+ (no per-round server steps; a trigger and corrections).
   pretrain_steps / pretrain_batch_size: phase 1's budget per client (batch
     0 = federation.batch_size).
@@ -85,7 +84,7 @@ def fedddpm_fields(**overrides) -> ml_collections.ConfigDict:
     steps, and how many corrections at most (1 = one-shot).
   """
   cfg = ml_collections.ConfigDict(dict(
-      enabled=True, plus=False,
+      plus=False,
       pretrain_steps=80, pretrain_batch_size=0,
       aux_per_class=20, aux_size=0, aux_sample_steps=20, aux_eta=0.0,
       aux_sample_batch=10, guidance_scale=2.0, heldout_fraction=0.1,
@@ -110,6 +109,7 @@ def get_config(arg=None):
   config.federation.local_steps = 10
   config.model.num_classes = 10
   config.diffusion.cond_drop_prob = 0.1
+  config.algorithm = 'fedddpm'
   config.fedddpm = fedddpm_fields()
   config.evaluators.denoising_loss.every_rounds = 4
   config.evaluators.samples.every_rounds = 0
@@ -118,7 +118,7 @@ def get_config(arg=None):
   config.evaluators.samples.guidance_scale = 2.0
   config.checkpoint_every = 2
   if arg == 'fedavg':
-    config.fedddpm.enabled = False
+    config.algorithm = 'fedavg'  # config.fedddpm is then not read.
     config.num_rounds = 18
     config.evaluators.denoising_loss.every_rounds = 6
   return config

@@ -87,12 +87,14 @@ def pruning_block(ratio):
 
 
 def apply_variant(config, arg):
-  """Drops the hierarchy and/or pruning blocks for a variant name."""
+  """Drops the hierarchy (flat FedAvg) and/or pruning for a variant name."""
   variant = arg or 'both'
   if variant not in VARIANTS:
     raise ValueError(f'Unknown FedPhD variant {arg!r}; use one of '
                      f'{VARIANTS}.')
+  config.algorithm = 'fedphd'
   if variant in ('pruning', 'fedavg'):
+    config.algorithm = 'fedavg'
     config.hierarchy = None
   if variant in ('hierarchy', 'fedavg'):
     config.pruning = None

@@ -1,6 +1,6 @@
 """FedDDPM's auxiliary dataset, sampled by the server from the clients' models.
 
-After phase 1 (`fedjax_diff.local_training`) the server holds every client's
+After phase 1 (`algorithms.fedddpm.make_phase1`) the server holds every client's
 model θ_k and draws an auxiliary dataset from them (FedDDPM,
 arXiv 2503.06426):
 
@@ -14,10 +14,10 @@ arXiv 2503.06426):
   their data sizes n_k / Σ_j n_j; the samples have no labels (−1).
 
 Sampling is DDIM (Song et al. 2021, arXiv 2010.02502) with a configurable
-number of steps, η and guidance scale. It is one jitted program vectorized
-over client models, like a round: the stacked client models are sharded over
-the mesh axis `clients`, each device runs its clients one after another
-(`lax.map`, CPU) or together (`vmap`), and each client draws its samples in
+number of steps, η and guidance scale. It is one jitted program on the client engine
+(`fedjax_diff.engine`), like a round: the stacked client models are sharded
+over the mesh axis `clients`, each device runs its clients one after another
+('map', CPU) or together ('vmap'), and each client draws its samples in
 batches of `batch_size` under `lax.map`. Every client draws the same number
 M of samples (the largest allocation, rounded up to the batch); the draws
 beyond a client's allocation are dropped.
@@ -34,10 +34,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
-from fedjax_diff import federation
-from fedjax_diff import rounds
+from fedjax_diff import engine
 from fedjax_diff.diffusion import sample as sample_lib
 
 PyTree = Any
@@ -168,7 +167,7 @@ def make_sampler(*, eps_fn, schedule, mesh: Mesh,
                  num_steps: int, eta: float = 0.0,
                  num_classes: Optional[int] = None,
                  guidance_scale: float = 1.0, mode: str = 'auto'):
-  """Builds the jitted sampler over stacked client models.
+  """Builds the jitted sampler over stacked client models (on the engine).
 
   Args:
     eps_fn, schedule: the model's noise predictor and schedule.
@@ -186,15 +185,16 @@ def make_sampler(*, eps_fn, schedule, mesh: Mesh,
     `labels` int32 `[K, M]` (`plan`), M a multiple of `batch_size`. Client
     k's draws use `fold_in(rng, k)`, batch b of them `fold_in(·, b)`.
   """
-  mode = rounds.resolve_mode(mode, mesh.devices.flat[0].platform)
+  mode = engine.resolve_mode(mode, mesh.devices.flat[0].platform)
   mode = 'map' if mode == 'chunked' else mode
   conditional = num_classes is not None
   guidance = None if (not conditional or guidance_scale == 1.0) else float(
       guidance_scale)
   shape = (batch_size,) + tuple(image_shape)
-  clients = federation.CLIENTS
 
-  def one_client(params, labels, key):
+  def one_client(shared, slot, data_row, rows):
+    del shared, data_row
+    params, labels, key = slot
     batches = labels.reshape(-1, batch_size)
 
     def one_batch(xs):
@@ -206,30 +206,27 @@ def make_sampler(*, eps_fn, schedule, mesh: Mesh,
                         null_label=num_classes if conditional else None)
 
     out = jax.lax.map(one_batch, (jnp.arange(batches.shape[0]), batches))
-    return out.reshape((-1,) + tuple(image_shape))
+    return engine.ClientResult(None, rows,
+                               out.reshape((-1,) + tuple(image_shape)))
 
-  def device_block(params, labels, keys):
-    if mode == 'vmap':
-      return jax.vmap(one_client)(params, labels, keys)
-    return jax.lax.map(lambda xs: one_client(*xs), (params, labels, keys))
-
-  sharded = jax.shard_map(device_block, mesh=mesh,
-                          in_specs=(P(clients), P(clients), P(clients)),
-                          out_specs=P(clients))
+  run = engine.for_each_client(one_client, mesh=mesh, mode=mode)
 
   def draw(client_params, labels, rng):
     if labels.shape[1] % batch_size:
       raise ValueError(f'{labels.shape[1]} samples per client are not a '
                        f'multiple of the sampling batch {batch_size}.')
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(
-        jnp.arange(labels.shape[0]))
-    return sharded(client_params, labels, keys)
+    k = labels.shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
+    ones = jnp.ones((k,), jnp.float32)
+    _, images, _, _ = run(None, (client_params, labels, keys), None, {},
+                       jnp.zeros((k,), jnp.int32), ones, rng)
+    return images
 
   return jax.jit(draw)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  """[−1, 1] floats → uint8 pixels (the inverse of `rounds.to_float_images`
+  """[−1, 1] floats → uint8 pixels (the inverse of `client.to_float_images`
   up to rounding)."""
   return np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(
       np.uint8)

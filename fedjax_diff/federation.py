@@ -125,17 +125,75 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int,
   return np.sort(ids).astype(np.int32)
 
 
-def round_slots(client_ids: np.ndarray, num_devices: int):
-  """Pads a round's client ids to a multiple of the device count.
+def rows_per_device(num_rows: int, num_devices: int) -> int:
+  """Client rows each device holds: the rows are split over the mesh in
+  contiguous blocks (`shard_client_data` pads them to a multiple)."""
+  if num_rows % num_devices:
+    raise ValueError(f'{num_rows} client rows do not split over {num_devices} '
+                     'devices; pad them with federation.shard_client_data.')
+  return num_rows // num_devices
+
+
+def device_counts(client_ids: np.ndarray, num_rows: int,
+                  num_devices: int) -> np.ndarray:
+  """How many of `client_ids` live on each device ([num_devices])."""
+  per = rows_per_device(num_rows, num_devices)
+  return np.bincount(np.asarray(client_ids) // per, minlength=num_devices)
+
+
+def round_slots(client_ids: np.ndarray, num_devices: int, num_rows: int,
+                slots_per_device: Optional[int] = None):
+  """Lays a round's clients out in slots, each on the device holding its data.
+
+  Device d holds rows [d·R, (d+1)·R) of the client data (R = num_rows /
+  num_devices), and its block of `slots_per_device` slots takes the round's
+  clients among them, in increasing id order, then padding slots (mask 0,
+  pointing at the device's first row). So a client trains where its images
+  are: no image crosses devices.
+
+  Args:
+    client_ids: the round's distinct global client ids.
+    num_devices: the mesh size.
+    num_rows: `ClientData.num_clients` of the sharded data (padding
+      included).
+    slots_per_device: S; default min(len(client_ids), R), the most any
+      device can need, so that every round of a run has the same slots (one
+      compilation). A smaller S (e.g. `max_slots_per_device` over the run's
+      rounds) saves padding work.
 
   Returns:
-    (ids, mask): int32 ids of length `ceil(K / num_devices) * num_devices`
-    (padding slots repeat id 0) and a float32 mask, 1 for real clients.
+    (ids, mask): int32 ids `[num_devices · S]` and a float32 mask, 1 for
+    real clients.
   """
-  k = len(client_ids)
-  slots = math.ceil(k / num_devices) * num_devices
-  ids = np.zeros(slots, np.int32)
-  ids[:k] = client_ids
-  mask = np.zeros(slots, np.float32)
-  mask[:k] = 1.0
-  return ids, mask
+  client_ids = np.sort(np.asarray(client_ids, np.int64))
+  per = rows_per_device(num_rows, num_devices)
+  if len(np.unique(client_ids)) != len(client_ids):
+    raise ValueError(f'A round\'s clients must be distinct; got {client_ids}.')
+  if len(client_ids) and not 0 <= client_ids[0] <= client_ids[-1] < num_rows:
+    raise ValueError(f'Client ids must be in [0, {num_rows}); got '
+                     f'{client_ids}.')
+  if slots_per_device is None:
+    slots_per_device = min(len(client_ids), per)
+  counts = device_counts(client_ids, num_rows, num_devices)
+  if counts.max(initial=0) > slots_per_device:
+    raise ValueError(
+        f'Device {int(counts.argmax())} holds {int(counts.max())} of the '
+        f"round's clients but has only {slots_per_device} slots; raise "
+        'slots_per_device (see federation.max_slots_per_device).')
+  slots_per_device = max(int(slots_per_device), 1)
+  ids = np.repeat(np.arange(num_devices) * per, slots_per_device).reshape(
+      num_devices, slots_per_device)
+  mask = np.zeros((num_devices, slots_per_device), np.float32)
+  for d in range(num_devices):
+    mine = client_ids[client_ids // per == d]
+    ids[d, :len(mine)] = mine
+    mask[d, :len(mine)] = 1.0
+  return ids.reshape(-1).astype(np.int32), mask.reshape(-1)
+
+
+def max_slots_per_device(rounds_client_ids, num_rows: int,
+                         num_devices: int) -> int:
+  """The most clients any device holds in any of the given rounds: the
+  smallest `slots_per_device` that fits them all."""
+  return max([int(device_counts(ids, num_rows, num_devices).max(initial=0))
+              for ids in rounds_client_ids] + [1])

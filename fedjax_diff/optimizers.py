@@ -7,7 +7,7 @@ Client optimizers are optax chains called once per local step as
 where `global_step` counts local steps since the start of training
 (`round * local_steps + step`), so learning-rate warmup spans rounds even
 though each client starts a fresh optimizer state every round (as in FedAvg;
-with `keep_state` clients carry it over instead, see `rounds.make_round_fn`).
+with `keep_state` clients carry it over instead, see `client.py`).
 Transforms that need neither extra argument ignore them (`optax.chain`).
 """
 

@@ -1,6 +1,6 @@
 """Server state of a federation: plain pytrees, jittable and checkpointable."""
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -9,6 +9,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_diff import federation
+from fedjax_diff.diffusion import ema as ema_lib
 
 PyTree = Any
 
@@ -26,21 +27,18 @@ class ServerState:
     round: number of rounds completed (int32 scalar).
     rng: the run's base PRNG key (raw uint32[2]); round r uses
       `fold_in(rng, r)`, so a resumed run draws the same numbers.
-    client_states: state that each client keeps across rounds, keyed by the
-      component that owns it: `'upload'` for the upload path (e.g.
-      error-feedback residuals), `'optimizer'` for the client optimizer's
-      state when clients keep it across rounds; later client-side
-      strategies add their own key. Every leaf has one row per client of the
-      federation on axis 0 (padding clients included, as in
-      `federation.ClientData`) and is
-      sharded over the mesh axis `clients`. `{}` when no component keeps
-      client state, so FedAvg carries nothing. In a real deployment each
-      client holds its own rows; the simulation keeps them with the server
-      state so that they are checkpointed with it and a resumed run is bit
-      for bit.
-    edges: the edge servers of a hierarchy
-      (`strategies.hierarchical.EdgeState`: E edge models, their label
-      statistics), replicated like `params`; None for a flat federation.
+    client_states: what each client keeps from one round it takes part in to
+      the next, keyed by the component that owns it (`client.OPTIMIZER`,
+      `client.UPLOAD`, an algorithm's own key such as SCAFFOLD's control
+      variates). Every leaf has one row per client of the federation on
+      axis 0 (padding clients included, as in `federation.ClientData`) and is
+      sharded over the mesh axis `clients`. `{}` when nothing is kept, so
+      FedAvg carries nothing. In a real deployment each client holds its own
+      rows; the simulation keeps them with the server state so that they are
+      checkpointed with it and a resumed run is bit for bit.
+    algorithm: the algorithm's own server-side state (FedPhD's edge servers,
+      SCAFFOLD's server control variate, FedDDPM+'s trigger), replicated;
+      `{}` for FedAvg.
   """
   params: PyTree
   ema_params: PyTree
@@ -48,20 +46,14 @@ class ServerState:
   round: jax.Array
   rng: jax.Array
   client_states: dict[str, PyTree] = flax.struct.field(default_factory=dict)
-  edges: Optional[PyTree] = None
-
-# The key of `ServerState.client_states` owned by the upload path.
-UPLOAD = 'upload'
-# The key of the client optimizer's state, when clients keep it across rounds
-# (`config.client_optimizer.keep_state`).
-CLIENT_OPTIMIZER = 'optimizer'
+  algorithm: PyTree = flax.struct.field(default_factory=dict)
 
 
 def init_server_state(params: PyTree,
                       server_optimizer: optax.GradientTransformation,
                       rng: jax.Array,
                       client_states: Optional[dict[str, PyTree]] = None,
-                      edges: Optional[PyTree] = None) -> ServerState:
+                      algorithm: Optional[PyTree] = None) -> ServerState:
   """Builds the round-0 state from initial parameters.
 
   Args:
@@ -70,8 +62,7 @@ def init_server_state(params: PyTree,
     rng: the run's base PRNG key.
     client_states: from `init_client_states`; None or `{}` when none are
       kept.
-    edges: from `strategies.hierarchical.init_edge_state` for a hierarchy;
-      None for a flat federation.
+    algorithm: the algorithm's server-side state; None or `{}` for none.
   """
   return ServerState(
       params=params,
@@ -80,53 +71,42 @@ def init_server_state(params: PyTree,
       round=jnp.zeros((), jnp.int32),
       rng=rng,
       client_states=dict(client_states or {}),
-      edges=edges,
+      algorithm={} if algorithm is None else algorithm,
   )
 
 
-def _client_state(upload, params: PyTree, client_optimizer) -> PyTree:
-  """One client's initial state: `{'upload': ..., 'optimizer': ...}`, each
-  key present only when its component keeps state."""
-  one = {}
-  if upload is not None:
-    z = upload.init_client_state(params)
-    if jax.tree.leaves(z):
-      one[UPLOAD] = z
-  if client_optimizer is not None:
-    one[CLIENT_OPTIMIZER] = client_optimizer.init(params)
-  return one
+def advance(state: ServerState, params: PyTree, opt_state: optax.OptState,
+            ema_decay: float, **changes) -> ServerState:
+  """The state after a round: new params and server optimizer state, the
+  EMA moved towards them with `ema_decay_at(ema_decay, round)`, the round
+  counted, and any other field replaced by `changes`."""
+  return state.replace(
+      params=params,
+      ema_params=ema_lib.ema_update(state.ema_params, params,
+                                    ema_lib.ema_decay_at(ema_decay,
+                                                         state.round)),
+      opt_state=opt_state, round=state.round + 1, **changes)
 
 
-def client_state_shapes(upload, params: PyTree,
-                        client_optimizer=None) -> PyTree:
-  """Shapes of one client's state (no leading client axis); `{}` if none."""
-  return jax.eval_shape(lambda p: _client_state(upload, p, client_optimizer),
-                        params)
-
-
-def init_client_states(upload, params: PyTree, num_clients: int,
-                       mesh: Optional[Mesh] = None,
-                       client_optimizer=None) -> PyTree:
-  """Every client's initial state, stacked on a leading axis of `num_clients`.
+def init_client_states(client_rows: Callable[[PyTree], dict], params: PyTree,
+                       num_clients: int,
+                       mesh: Optional[Mesh] = None) -> dict[str, PyTree]:
+  """Every client's initial rows, stacked on a leading axis of `num_clients`.
 
   Args:
-    upload: a `strategies.upload.UploadTransform` or None (no state).
+    client_rows: `params -> rows` of ONE client (an algorithm's
+      `client_rows`; see `client.initial_rows`).
     params: the initial parameters (for shapes).
     num_clients: rows, i.e. `ClientData.num_clients` of the data the round
       reads (padding clients included).
     mesh: if given, the rows are created directly sharded over `clients`
       (no device ever holds all of them); `num_clients` must then split
       evenly over the mesh, as `federation.shard_client_data` ensures.
-    client_optimizer: the client optimizer when clients keep its state across
-      rounds (`rounds.make_round_fn(keep_client_optimizer_state=True)`);
-      None when each round starts it afresh (FedAvg).
 
   Returns:
-    `{'upload': rows, 'optimizer': rows}`, each key present only when its
-    component keeps state: `{}` for FedAvg.
+    `{key: rows}`; `{}` when no component keeps client state (FedAvg).
   """
-  if not jax.tree.leaves(client_state_shapes(upload, params,
-                                             client_optimizer)):
+  if not jax.tree.leaves(jax.eval_shape(client_rows, params)):
     return {}
   if mesh is not None and num_clients % mesh.size:
     raise ValueError(f'{num_clients} client rows do not split over '
@@ -135,8 +115,8 @@ def init_client_states(upload, params: PyTree, num_clients: int,
 
   def build(p):
     return jax.tree.map(
-        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape),
-        _client_state(upload, p, client_optimizer))
+        lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)),
+        client_rows(p))
 
   shardings = client_rows_sharding(mesh) if mesh is not None else None
   return jax.jit(build, out_shardings=shardings)(params)

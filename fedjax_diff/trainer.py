@@ -3,8 +3,11 @@
 The config (see configs/mnist_fedavg.py for every field) names the data and
 its partition, the UNet, the diffusion schedule, the client and server
 optimizers, the strategies (FedDM-prox's `prox_mu`, FedDM-quant's `upload`),
-the federation's shape and the evaluators. The workdir follows the contract
-of `fedjax_diff.workdir`; running again resumes. At the end the run's exact
+the algorithm (`config.algorithm`, a module of `fedjax_diff.algorithms`),
+the federation's shape and the evaluators. `setup` builds what the run
+trains with; the loop knows no algorithm: what differs between them lives in
+the algorithm's round and hooks. The workdir follows the contract of
+`fedjax_diff.workdir`; running again resumes. At the end the run's exact
 communication is printed and written to summary.json.
 """
 
@@ -12,31 +15,24 @@ import dataclasses
 import inspect
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedjax_diff import comm
+from fedjax_diff import algorithms
 from fedjax_diff import data as data_lib
 from fedjax_diff import evaluators as evaluators_lib
-from fedjax_diff import fedddpm as fedddpm_lib
 from fedjax_diff import federation
-from fedjax_diff import hierarchy as hierarchy_lib
 from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff import progress as progress_lib
-from fedjax_diff import rounds
 from fedjax_diff import state as state_lib
 from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.diffusion import make_schedule
-from fedjax_diff.state import init_server_state
 from fedjax_diff.state import ServerState
 from fedjax_diff.strategies import build as strategies_build
-from fedjax_diff.strategies import hierarchical
 from fedjax_diff.strategies import pruning_schedule
 
 
@@ -125,28 +121,25 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
   return loss_fn
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> ServerState:
-  """Trains a federation and evaluates it; resumes from `workdir` if it holds
-  a checkpoint of the same config. Returns the final server state."""
-  workdir_lib.check_and_write_config(workdir, config)
-  fed = config.federation
+def setup(config: ml_collections.ConfigDict, workdir: str):
+  """Everything a run trains with, built from the config.
+
+  Returns (run, init_params, test split, pruning figures or None):
+  `run` (`algorithms.Run`) holds the data on the mesh, the (possibly
+  pruned) model's noise predictor and loss, the optimizers with their
+  client transforms and the upload path.
+  """
   seed = int(config.seed)
   mesh = federation.client_mesh()
-  log(f'Devices: {mesh.size} x {jax.devices()[0].platform}; execution mode '
-      f'{rounds.resolve_mode(fed.mode)!r} (config: {fed.mode!r}).')
-
-  # Data, partition, per-client arrays on the mesh.
   train, test = load_data(config.data)
-  parts = partition(train.labels, config.partition, fed.num_clients, seed)
+  parts = partition(train.labels, config.partition,
+                    int(config.federation.num_clients), seed)
   report_partition(train, parts, workdir)
   client_data = federation.shard_client_data(
       federation.stack_clients(train.images, train.labels, parts), mesh)
   image_shape = tuple(train.images.shape[1:])
 
-  # Model, diffusion, optimizers.
   model = models.unet_from_config(config.model)
-  eps_fn = models.make_eps_fn(model)
   schedule = make_schedule(config.diffusion.schedule,
                            int(config.diffusion.num_timesteps))
   # Initialised under jit with an 'rbg' key: XLA compiles the threefry hash
@@ -157,171 +150,129 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.random.key(seed, impl='rbg'))
   log(f'UNet: {models.count_params(params):,} parameters.')
   # FedPhD's structured pruning (config.pruning; None = none): from here on
-  # the run trains, sends and samples the compact UNet.
+  # the run trains, sends and samples the compact UNet. 'after_sparse'
+  # first trains the full UNet as a run of its own in <workdir>/sparse.
+  stage = pruning_schedule.sparse_stage(config)
+  if stage is not None:
+    stage_dir = os.path.join(workdir, 'sparse')
+    log(f'Sparse training before pruning, in {stage_dir}.')
+    params = jax.device_get(train_and_evaluate(stage, stage_dir).params)
   model, params, pruning_info = pruning_schedule.prepare(
       config, workdir, model, params, image_shape=image_shape,
       loss_fn_for=lambda m: make_loss_fn(models.make_eps_fn(m), schedule,
                                          config),
-      images=train.images, labels=train.labels, seed=seed,
-      train_stage=train_and_evaluate, log=log)
+      images=train.images, labels=train.labels, seed=seed, log=log)
   eps_fn = models.make_eps_fn(model)
-  # Shapes and dtypes only: what communication accounting needs (the arrays
-  # themselves may be donated to the first round).
-  param_shapes = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  server_opt = optimizers.server_optimizer(config.server_optimizer)
-  client_opt = optimizers.client_optimizer(
-      config.client_optimizer,
-      extra=strategies_build.client_transforms(config))
   upload = strategies_build.upload_from_config(
       config, eps_fn=eps_fn, schedule=schedule, image_shape=image_shape,
       num_classes=config.model.get('num_classes'))
-  # Clients that keep their optimizer state across rounds (DiLoCo-style);
-  # False: a fresh client optimizer every round, as in FedAvg.
-  keep_opt = bool(config.client_optimizer.get('keep_state', False))
-  client_states = state_lib.init_client_states(
-      upload, params, client_data.num_clients, mesh,
-      client_optimizer=client_opt if keep_opt else None)
-  # FedPhD's edge servers (config.hierarchy; None = flat FedAvg).
-  hier = hierarchical.config_from(config)
-  state = init_server_state(params, server_opt, jax.random.PRNGKey(seed + 1),
-                            client_states, edges=hierarchy_lib.init_edges(
-                                hier, params, train.num_classes))
-  state = state_lib.place_state(state, mesh)
+  run = algorithms.Run(
+      config=config, workdir=workdir, mesh=mesh, data=client_data,
+      num_clients=len(parts), num_classes=train.num_classes,
+      image_shape=image_shape, eps_fn=eps_fn, schedule=schedule,
+      loss_fn=make_loss_fn(eps_fn, schedule, config),
+      client_optimizer=optimizers.client_optimizer(
+          config.client_optimizer,
+          extra=strategies_build.client_transforms(config)),
+      server_optimizer=optimizers.server_optimizer(config.server_optimizer),
+      upload=upload,
+      # Shapes and dtypes only (the arrays may be donated to the first
+      # round): what communication accounting needs.
+      param_shapes=jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+      log=log)
+  return run, params, test, pruning_info
 
-  # Resume (the checkpoint is restored onto the placement of `state`).
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> ServerState:
+  """Trains a federation and evaluates it; resumes from `workdir` if it holds
+  a checkpoint of the same config. Returns the final server state."""
+  workdir_lib.check_and_write_config(workdir, config)
+  run, params, test, pruning_info = setup(config, workdir)
+  algorithm = algorithms.build(config.get('algorithm', 'fedavg'), run)
+  log(f'Devices: {run.mesh.size} x {jax.devices()[0].platform}; execution '
+      f'mode {algorithm.mode!r} (config: {config.federation.mode!r}).')
+  state = algorithm.initial_state(params, jax.random.PRNGKey(
+      int(config.seed) + 1))
   manager = workdir_lib.checkpoint_manager(workdir)
   state, step = workdir_lib.restore_checkpoint(manager, state)
-  start = int(state.round)
+  start, num_rounds = int(state.round), int(config.num_rounds)
   if step is not None:
     log(f'Resumed from {workdir}/checkpoints at round {start}.')
     workdir_lib.truncate_metrics(workdir, start)
-  state = state_lib.place_state(state, mesh)
-
-  hier_kwargs = {} if hier is None else dict(
-      hierarchy=hier, num_classes=train.num_classes,
-      num_rounds=int(config.num_rounds))
-  round_fn = (hierarchy_lib if hier else rounds).make_round_fn(
-      **hier_kwargs, loss_fn=make_loss_fn(eps_fn, schedule, config),
-      client_optimizer=client_opt, server_optimizer=server_opt, mesh=mesh,
-      local_steps=int(fed.local_steps), batch_size=int(fed.batch_size),
-      upload=upload, mode=fed.mode, chunk_size=fed.get('chunk_size') or None,
-      ema_decay=float(config.ema_decay),
-      random_flip=bool(config.data.get('random_flip', False)),
-      keep_client_optimizer_state=keep_opt)
-
+  state = algorithm.prepare(state_lib.place_state(state, run.mesh), params)
+  log(algorithm.describe())
   metrics_log = workdir_lib.MetricsLog(workdir)
-  ctx = evaluators_lib.EvalContext(
-      eps_fn=eps_fn, schedule=schedule, test_data=test,
-      image_shape=image_shape, num_classes=config.model.get('num_classes'),
-      workdir=workdir, seed=seed, write_images=metrics_log.write_images)
-  evaluators = evaluators_lib.build_evaluators(config.get('evaluators'), ctx)
-
-  num_rounds = int(config.num_rounds)
-  per_round = int(fed.clients_per_round)
-  traffic = comm.round_bytes(param_shapes, per_round, upload)
-  examples_per_round = per_round * int(fed.local_steps) * int(fed.batch_size)
-  mu = float(config.get('prox_mu', 0.0) or 0.0)
-  log(f'Rounds {start}..{num_rounds}: {per_round} of {fed.num_clients} '
-      f'clients per round, {fed.local_steps} local steps of batch '
-      f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
-      f'{", client optimizer state kept across rounds" if keep_opt else ""}'
-      f'; upload '
-      f'{upload.name if upload else "fp32"}: '
-      f'{traffic["uplink_bytes"] / 2**20:.2f} MiB up and '
-      f'{traffic["downlink_bytes"] / 2**20:.2f} MiB down per round.')
-
-  def slots(round_idx):
-    ids = federation.sample_clients(fed.num_clients, per_round, seed,
-                                    round_idx)
-    return federation.round_slots(ids, mesh.size)
-
-  # FedDDPM / FedDDPM+ (arXiv 2503.06426): phase 1 and the auxiliary set
-  # (cached in the workdir), then a server step after each aggregation.
-  aux = None
-  if fedddpm_lib.enabled(config):
-    aux = fedddpm_lib.FedDDPM(
-        config, workdir, mesh=mesh, client_data=client_data,
-        num_real_clients=len(parts), eps_fn=eps_fn, schedule=schedule,
-        loss_fn=make_loss_fn(eps_fn, schedule, config),
-        image_shape=image_shape, param_shapes=param_shapes)
-    aux.prepare(params)
-    aux.resume(workdir_lib.read_metrics(workdir))
-
+  evaluators = evaluators_lib.build_evaluators(
+      config.get('evaluators'), evaluators_lib.EvalContext(
+          eps_fn=run.eps_fn, schedule=run.schedule, test_data=test,
+          image_shape=run.image_shape,
+          num_classes=config.model.get('num_classes'), workdir=workdir,
+          seed=int(config.seed), write_images=metrics_log.write_images))
+  round_fn = algorithm.make_round()
   if start < num_rounds:
     t = time.perf_counter()
-    round_fn = round_fn.lower(state, client_data, *slots(start)).compile()
+    round_fn = round_fn.lower(state, run.data,
+                              *algorithm.slots(start)).compile()
     log(f'Compiled the round in {time.perf_counter() - t:.1f}s.')
-
   progress = progress_lib.Progress(num_rounds, start)
-  log_every = max(1, int(config.log_every))
-  ckpt_every = int(config.checkpoint_every)
+  log_every, ckpt_every = max(1, int(config.log_every)), int(
+      config.checkpoint_every)
+  examples = (algorithm.clients_per_round * algorithm.local_steps *
+              algorithm.batch_size)
   t_last, r_last = time.perf_counter(), start
   for r in range(start, num_rounds):
-    state, metrics = round_fn(state, client_data, *slots(r))
+    state, metrics = round_fn(state, run.data, *algorithm.slots(r))
     done = r + 1
-    row = {}
-    if aux is not None:
-      state, aux_row = aux.after_round(state, done)
-      row.update(aux_row)
+    state, row = algorithm.after_round(state, done)
     if done % log_every == 0 or done == num_rounds:
-      loss = float(metrics['loss'])
-      if not np.isfinite(loss):
-        raise FloatingPointError(
-            f'Training loss is {loss} at round {done}; the last good state '
-            f'is the latest checkpoint in {workdir}/checkpoints. Lower '
-            'config.client_optimizer.learning_rate or enable grad_clip.')
+      loss = check_finite(float(metrics['loss']), done, workdir)
       now = time.perf_counter()
       seconds = (now - t_last) / (done - r_last)
       t_last, r_last = now, done
-      row.update({'loss': loss, **traffic, 'seconds': seconds,
-                  'client_examples_per_second': examples_per_round / seconds})
-      row.update(client_figures(metrics))
-      if hier is not None:
-        row.update(hierarchy_lib.round_figures(metrics, param_shapes, hier))
+      row.update({'loss': loss, 'seconds': seconds,
+                  'client_examples_per_second': examples / seconds,
+                  **algorithm.round_figures(metrics, r)})
       progress.update(done, f'loss {loss:.4f}')
-    figures = {}
-    for name, evaluator in evaluators.items():
-      if evaluators_lib.is_due(evaluator, done, num_rounds):
-        t = time.perf_counter()
-        figures.update(evaluator(state, done))
-        figures[f'{name}_seconds'] = time.perf_counter() - t
+    figures = evaluate(evaluators, state, done, num_rounds)
     row.update(figures)
     if row:
       metrics_log.write(done, row)
     if figures:
-      log(f'  eval at round {done}: ' + ', '.join(
-          f'{k} {v:.4g}' for k, v in figures.items()))
       t_last = time.perf_counter()  # evaluation time is not training time.
     if done == num_rounds or (ckpt_every > 0 and done % ckpt_every == 0):
       workdir_lib.save_checkpoint(manager, done, state)
   metrics_log.close()
   manager.close()
-  summary = comm.run_summary(param_shapes, num_rounds, per_round, upload)
-  if aux is not None:
-    summary = aux.summary_update(summary, num_rounds)
-  if hier is not None:
-    summary = hierarchy_lib.summary_update(summary, param_shapes, hier,
-                                           num_rounds)
-  log(comm.format_summary(summary))
-  if hier is not None:
-    log(comm.format_edge_cloud(summary))
+  summary = algorithm.summary(num_rounds, state)
+  log(algorithm.format_summary(summary))
   if pruning_info is not None:
     summary['pruning'] = pruning_info
   workdir_lib.write_summary(workdir, summary)
   return state
 
 
-def client_figures(metrics) -> dict[str, float]:
-  """Example-weighted means over a round's real clients of their drift
-  ‖Δ_k‖ and, with an upload transform, of the relative upload error
-  ‖Δ̂_k − Δ_k‖ / ‖Δ_k‖."""
-  w = np.asarray(metrics['client_weights'], np.float64)
-  total = max(w.sum(), 1.0)
-  norms = np.asarray(metrics['client_update_norms'], np.float64)
-  out = {'client_drift': float(np.sum(np.where(w > 0, norms, 0) * w) / total)}
-  if 'client_upload_errors' in metrics:
-    errs = np.asarray(metrics['client_upload_errors'], np.float64)
-    rel = np.where(w > 0, errs / np.maximum(norms, 1e-30), 0)
-    out['upload_rel_error'] = float(np.sum(rel * w) / total)
-  return out
+def check_finite(loss: float, round_idx: int, workdir: str) -> float:
+  """`loss`, or a FloatingPointError when it is not finite."""
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f'Training loss is {loss} at round {round_idx}; the last good state '
+        f'is the latest checkpoint in {workdir}/checkpoints. Lower '
+        'config.client_optimizer.learning_rate or enable grad_clip.')
+  return loss
+
+
+def evaluate(evaluators, state, round_idx: int, num_rounds: int) -> dict:
+  """The figures of the evaluators due at `round_idx`, with their seconds;
+  printed on one line."""
+  figures = {}
+  for name, evaluator in evaluators.items():
+    if evaluators_lib.is_due(evaluator, round_idx, num_rounds):
+      t = time.perf_counter()
+      figures.update(evaluator(state, round_idx))
+      figures[f'{name}_seconds'] = time.perf_counter() - t
+  if figures:
+    log(f'  eval at round {round_idx}: ' + ', '.join(
+        f'{k} {v:.4g}' for k, v in figures.items()))
+  return figures

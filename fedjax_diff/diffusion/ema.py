@@ -33,3 +33,14 @@ def ema_update(ema_params: Any, params: Any,
     new = decay * ema + (1.0 - decay) * jnp.asarray(p)
     return new.astype(ema.dtype)
   return jax.tree.map(update, ema_params, params)
+
+
+def ema_decay_at(decay: float, round_idx: jax.Array) -> jax.Array:
+  """EMA decay with warmup: min(decay, (1 + r) / (10 + r)) at update r.
+
+  The EMA is updated once per round, and federated runs have few rounds: a
+  fixed 0.999 would keep the EMA at the initial weights for a short run.
+  The warmup is that of tf.train.ExponentialMovingAverage(num_updates=r).
+  """
+  r = jnp.asarray(round_idx, jnp.float32)
+  return jnp.minimum(decay, (1.0 + r) / (10.0 + r))

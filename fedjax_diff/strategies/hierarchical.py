@@ -4,8 +4,8 @@ FedPhD (Long et al. 2025, "FedPhD: Federated Pruning with Hierarchical
 Learning of Diffusion Models", arXiv 2507.06449) puts E edge servers between
 the clients and the cloud and makes both the client→edge assignment and the
 cloud aggregation aware of label heterogeneity. This module holds the math,
-as pure jnp functions of small arrays; `fedjax_diff.hierarchy` runs it inside
-the jitted round.
+as pure jnp functions of small arrays and the edges' aggregator;
+`fedjax_diff.algorithms.fedphd` runs it inside the jitted round.
 
 Homogeneity score of a label distribution q over C classes, with P the
 uniform distribution (P_c = 1/C):
@@ -47,11 +47,14 @@ n_e at 1.
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
+
+from fedjax_diff.strategies.aggregator import Aggregator
+from fedjax_diff.strategies.aggregator import by_examples
 
 PyTree = Any
 
@@ -206,24 +209,41 @@ def label_distributions(labels, counts, num_classes: int):
   return hist / jnp.maximum(counts, 1)[:, None].astype(jnp.float32)
 
 
-def accumulate_edge_sums(acc, deltas, weights, edges):
-  """Adds a chunk of clients to per-edge weighted sums.
+def edge_sums(num_edges: int,
+              weight: Callable[[jax.Array], jax.Array] = by_examples
+              ) -> Aggregator:
+  """Per-edge weighted sums of the clients' updates, the edges' aggregator.
 
-  acc = (sums, totals): sums a tree with leading axis E of Σ_{k→e} w_k Δ_k,
-  totals [E] of Σ_{k→e} w_k. Clients with w_k = 0 (padding) add exactly 0,
-  even if their Δ is not finite.
+  A client contributes `(Δ_k, e_k)`, its update and its edge. `finalize`
+  returns `(sums, totals)`: a tree with leading axis E of
+  Σ_{k→e} w_k Δ_k, and [E] of Σ_{k→e} w_k, reduced over the mesh. Clients
+  with w_k = 0 (padding) add exactly 0, even if their Δ is not finite.
   """
-  sums, totals = acc
-  num_edges = totals.shape[0]
-  keep = weights > 0
-  w = jnp.where(keep[:, None] & (edges[:, None] == jnp.arange(num_edges)),
-                weights[:, None], 0.0)                     # [c, E]
 
-  def leaf(s, d):
-    d = jnp.where(keep.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
-    return s + jnp.tensordot(w.T.astype(d.dtype), d, axes=1)
+  def init(shapes):
+    delta_shapes, _ = shapes
+    return (jax.tree.map(lambda s: jnp.zeros((num_edges,) + s.shape, s.dtype),
+                         delta_shapes),
+            jnp.zeros((num_edges,), jnp.float32))
 
-  return jax.tree.map(leaf, sums, deltas), totals + w.sum(0)
+  def accumulate(acc, contributions, weights):
+    sums, totals = acc
+    deltas, edges = contributions
+    keep = weights > 0
+    w = jnp.where(keep[:, None] & (edges[:, None] == jnp.arange(num_edges)),
+                  weights[:, None], 0.0)                     # [c, E]
+
+    def leaf(s, d):
+      d = jnp.where(keep.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
+      return s + jnp.tensordot(w.T.astype(d.dtype), d, axes=1)
+
+    return jax.tree.map(leaf, sums, deltas), totals + w.sum(0)
+
+  def finalize(acc, axis_name, key):
+    del key
+    return jax.lax.psum(acc, axis_name)
+
+  return Aggregator(weight, init, accumulate, finalize)
 
 
 @flax.struct.dataclass

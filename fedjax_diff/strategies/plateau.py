@@ -21,63 +21,64 @@ The abstract does not define the signal or the test; ours:
   must see its effect), and fires at most `max_corrections` times
   (1 = one-shot).
 
-The trigger is host-side Python: its whole state is the signal since the
-last correction and the number of corrections, both rebuilt on resume by
-`replay` from the rows of metrics.jsonl (`signal`, `fired` per round).
+The trigger is pure: its whole state (`TriggerState`: the last 2W values,
+how many of them are filled, the corrections so far) is a few small arrays
+that live in the checkpointed server state, so a resumed run continues it
+exactly.
 """
 
-from typing import Iterable, Optional
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
 
 
-class PlateauTrigger:
-  """Fires when the relative improvement of a signal over a window stalls."""
+class TriggerState(NamedTuple):
+  """history: float32 [2W], the last values (the newest last); filled:
+  int32, how many of them are real (≤ 2W); corrections: int32."""
+  history: np.ndarray
+  filled: np.ndarray
+  corrections: np.ndarray
 
-  def __init__(self, window: int, threshold: float, max_corrections: int = 1):
-    if window < 1:
-      raise ValueError(f'The plateau window must be >= 1 round; got {window} '
-                       '(config.fedddpm.plus_window).')
-    if max_corrections < 0:
-      raise ValueError(f'max_corrections must be >= 0; got {max_corrections} '
-                       '(config.fedddpm.plus_max_corrections).')
-    self.window = int(window)
-    self.threshold = float(threshold)
-    self.max_corrections = int(max_corrections)
-    self.history: list[float] = []
-    self.corrections = 0
 
-  def relative_improvement(self) -> Optional[float]:
-    """rel_r of the current history, or None with fewer than 2W values."""
-    w = self.window
-    if len(self.history) < 2 * w:
-      return None
-    prev = sum(self.history[-2 * w:-w]) / w
-    last = sum(self.history[-w:]) / w
-    return (prev - last) / max(abs(prev), 1e-12)
+def init(window: int) -> TriggerState:
+  """The state before any signal."""
+  if not isinstance(window, int) or window < 1:
+    raise ValueError(f'The plateau window must be an int >= 1 round; got '
+                     f'{window!r} (config.fedddpm.plus_window).')
+  return TriggerState(np.zeros((2 * window,), np.float32),
+                      np.zeros((), np.int32), np.zeros((), np.int32))
 
-  def observe(self, value: float) -> bool:
-    """Adds round r's signal; True when a correction is to be made now."""
-    value = float(value)
-    if value != value:  # NaN: no information, never a trigger.
-      return False
-    self.history.append(value)
-    if self.corrections >= self.max_corrections:
-      return False
-    rel = self.relative_improvement()
-    if rel is None or rel >= self.threshold:
-      return False
-    self.corrections += 1
-    self.history = []
-    return True
 
-  def replay(self, rows: Iterable[dict]) -> None:
-    """Rebuilds the state from logged rows with keys `signal` and `fired`
-    (as the trainer writes them), in round order."""
-    self.history, self.corrections = [], 0
-    for row in rows:
-      if 'signal' not in row:
-        continue
-      if row.get('fired'):
-        self.corrections += 1
-        self.history = []
-      else:
-        self.history.append(float(row['signal']))
+def relative_improvement(state: TriggerState) -> Optional[float]:
+  """rel_r of the current history, or None with fewer than 2W values."""
+  hist = np.asarray(state.history, np.float64)
+  w = hist.shape[0] // 2
+  if int(state.filled) < 2 * w:
+    return None
+  prev, last = hist[:w].mean(), hist[w:].mean()
+  return float((prev - last) / max(abs(prev), 1e-12))
+
+
+def observe(state: TriggerState, value: float, threshold: float,
+            max_corrections: int = 1) -> tuple[TriggerState, bool]:
+  """Adds round r's signal; returns the new state and whether a correction
+  is to be made now. A NaN signal carries no information and is ignored."""
+  if max_corrections < 0:
+    raise ValueError(f'max_corrections must be >= 0; got {max_corrections} '
+                     '(config.fedddpm.plus_max_corrections).')
+  value = float(value)
+  if math.isnan(value):
+    return state, False
+  hist = np.asarray(state.history, np.float32)
+  hist = np.concatenate([hist[1:], np.float32([value])])
+  filled = min(int(state.filled) + 1, hist.shape[0])
+  corrections = int(state.corrections)
+  new = TriggerState(hist, np.int32(filled), np.int32(corrections))
+  if corrections >= max_corrections:
+    return new, False
+  rel = relative_improvement(new)
+  if rel is None or rel >= threshold:
+    return new, False
+  return TriggerState(np.zeros_like(hist), np.int32(0),
+                      np.int32(corrections + 1)), True

@@ -26,7 +26,8 @@ Schedules:
   (it resumes like any run); then its final global model is pruned and
   compacted, and the run's `num_rounds` rounds train the small model from
   there (server optimizer state and EMA start afresh from the compact
-  model). The total budget is `sparse_rounds + num_rounds` rounds.
+  model). The total budget is `sparse_rounds + num_rounds` rounds. The
+  trainer runs the first stage (`sparse_stage`) before `prepare`.
 
 Taylor importance needs the diffusion loss on data; the server has none in
 federated learning, so here it uses `taylor_examples` training images
@@ -159,10 +160,15 @@ def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
   return small, small_params, info
 
 
-def sparse_stage_config(config: ml_collections.ConfigDict,
-                        cfg: PruningConfig) -> ml_collections.ConfigDict:
-  """The config of 'after_sparse''s first stage: the full UNet trained
-  `sparse_rounds` rounds with the group-lasso penalty, no evaluators."""
+def sparse_stage(config: ml_collections.ConfigDict
+                 ) -> Optional[ml_collections.ConfigDict]:
+  """The config of 'after_sparse''s first stage, or None for no stage: the
+  full UNet trained `sparse_rounds` rounds with the group-lasso penalty, no
+  evaluators. The trainer runs it in `<workdir>/sparse` (it resumes like any
+  run) and passes its final global parameters to `prepare`."""
+  cfg = config_from(config)
+  if cfg is None or cfg.schedule != 'after_sparse':
+    return None
   out = copy.deepcopy(config)
   with out.unlocked():
     out.pruning = None
@@ -177,39 +183,28 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
             model: unet_lib.UNet, params: PyTree, *, image_shape,
             loss_fn_for: Callable[[unet_lib.UNet], Callable[..., Any]],
             images: np.ndarray, labels: Optional[np.ndarray], seed: int,
-            train_stage: Optional[Callable[..., Any]] = None,
             log: Callable[[str], None] = print
             ) -> tuple[unet_lib.UNet, PyTree, Optional[dict[str, Any]]]:
-  """The trainer's hook: the model and parameters the run trains.
+  """The model and parameters a run trains.
 
   Without `config.pruning`, (model, params, None). Otherwise the compact
-  model and its parameters ('before': pruned from `params`;
-  'after_sparse': from the final global model of the sparse stage, which
-  `train_stage(config, workdir)` runs in `<workdir>/sparse`), and the
-  pruning's figures, also written to `<workdir>/pruning.json`.
+  model and its parameters, pruned from `params` (the initial ones for
+  'before'; for 'after_sparse', the final global model of `sparse_stage`),
+  and the pruning's figures, also written to `<workdir>/pruning.json`.
 
   Args:
     config: the run's config.
     workdir: the run's workdir.
-    model, params: the initial UNet and its parameters.
+    model, params: the UNet and the parameters to prune.
     image_shape: (H, W, C).
     loss_fn_for: model -> the diffusion loss `(params, x, labels, rng)`.
     images: uint8 training images (for 'taylor'); labels their labels.
     seed: the run's seed.
-    train_stage: `trainer.train_and_evaluate` ('after_sparse').
     log: where progress lines go.
   """
   cfg = config_from(config)
   if cfg is None:
     return model, params, None
-  if cfg.schedule == 'after_sparse':
-    if train_stage is None:
-      raise ValueError("schedule='after_sparse' needs train_stage.")
-    stage_dir = os.path.join(workdir, 'sparse')
-    log(f'Pruning after sparse training: {cfg.sparse_rounds} rounds with '
-        f'group lasso {cfg.lasso:g} in {stage_dir}.')
-    state = train_stage(sparse_stage_config(config, cfg), stage_dir)
-    params = jax.device_get(state.params)
   taylor = {}
   if cfg.importance == 'taylor':
     n = min(cfg.taylor_examples, len(images))

@@ -11,7 +11,7 @@ optimizer:
 
 (the DDPM loss, Ho et al. 2020, arXiv 2006.11239, eq. 14, with the run's
 classifier-free label dropout). The server trains like a client whose data is
-D_aux: `rounds.make_local_training` under `lax.scan`, batches drawn by index
+D_aux: `client.make_local_training` under `lax.scan`, batches drawn by index
 from the on-device uint8 set, one epoch at a time without replacement. Its
 optax optimizer (`server_aux_optimizer`) starts fresh at every server step, as
 a client's does every round; the abstract is silent on this, and a fresh
@@ -22,7 +22,7 @@ aggregated θ_agg. Replacing θ_agg by the corrected θ' in that update gives
 
     ema' = d·ema_prev + (1 − d)·θ' = ema + (1 − d)·(θ' − θ_agg),
 
-with d the decay the round used (`rounds.ema_decay_at(decay, round − 1)`),
+with d the decay the round used (`diffusion.ema.ema_decay_at(decay, round − 1)`),
 which `make_server_update` applies so that the EMA sees the corrected model.
 
 Keys: server step of round r (1-based, after r rounds) uses
@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fedjax_diff import rounds
+from fedjax_diff import client
 from fedjax_diff.diffusion import diffusion_loss
+from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.state import ServerState
 
 PyTree = Any
@@ -68,7 +69,7 @@ def server_aux_optimizer(cfg: ml_collections.ConfigDict
   return optax.chain(*chain)
 
 
-def make_server_update(*, loss_fn: rounds.LossFn,
+def make_server_update(*, loss_fn: client.LossFn,
                        optimizer: optax.GradientTransformation,
                        num_steps: int, batch_size: int, ema_decay: float,
                        donate: bool = True) -> Callable:
@@ -92,7 +93,7 @@ def make_server_update(*, loss_fn: rounds.LossFn,
                      f'>= 1; got {num_steps}, {batch_size}.')
   # optax.chain accepts (and ignores) the extra arguments a client optimizer
   # gets, so the server trains with the round's local-training loop.
-  train = rounds.make_local_training(loss_fn, optax.chain(optimizer),
+  train = client.make_local_training(loss_fn, optax.chain(optimizer),
                                      num_steps, batch_size, False)
 
   def update(state: ServerState, images: jax.Array, labels: jax.Array):
@@ -101,7 +102,7 @@ def make_server_update(*, loss_fn: rounds.LossFn,
     count = jnp.asarray(images.shape[0], jnp.int32)
     params, loss, _ = train(state.params, images, labels, count, key,
                             jnp.zeros((), jnp.int32))
-    d = rounds.ema_decay_at(ema_decay, state.round - 1)
+    d = ema_lib.ema_decay_at(ema_decay, state.round - 1)
     ema = jax.tree.map(lambda e, new, old: e + (1.0 - d) * (new - old),
                        state.ema_params, params, state.params)
     return state.replace(params=params, ema_params=ema), loss
@@ -130,7 +131,7 @@ def make_aux_loss(*, eps_fn, schedule, images, labels, conditional: bool,
   def loss(params):
     def one(i):
       return diffusion_loss(eps_fn, params, schedule,
-                            rounds.to_float_images(imgs[i]),
+                            client.to_float_images(imgs[i]),
                             jax.random.fold_in(key, i),
                             labels=lbls[i] if conditional else None,
                             train=False)

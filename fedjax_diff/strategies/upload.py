@@ -13,7 +13,7 @@ Contract (`UploadTransform`):
 
 * `init_client_state(params) -> z`: the state of ONE client before its first
   round (a pytree; `()` when stateless). The federation stacks it over all
-  clients (`fedjax_diff.state.init_client_states`).
+  clients (`client.initial_rows`, `state.init_client_states`).
 * `apply(delta, z, key, ctx) -> (delta_hat, z')`: pure JAX, traced once and
   `vmap`ped over the clients of a chunk inside the round's `shard_map`.
   `delta_hat` has the tree, shapes and dtypes of `delta`; `z'` those of `z`.
@@ -41,7 +41,7 @@ residual.
 Keys: the round gives client k the upload key
 `fold_in(client_key_k, UPLOAD_KEY_TAG)`, where `client_key_k =
 fold_in(fold_in(state.rng, round), k)` is the key its local training splits
-(`rounds.upload_key`). `chain` passes stage i the key `fold_in(key, i)` (a
+(`client.upload_key`). `chain` passes stage i the key `fold_in(key, i)` (a
 chain of one stage is that stage, with the key unchanged); `quantizer` splits
 its key as `round_key, calib_key = split(key)` and rounds stochastically with
 `round_key`; `error_feedback` passes its key on unchanged.

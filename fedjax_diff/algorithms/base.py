@@ -1,0 +1,284 @@
+"""The algorithm protocol: pure state and round functions, plus hooks.
+
+A federated algorithm, in the spirit of fedjax's `init`/`apply` pairs, is
+
+* `init(params) -> algorithm state`: its server-side state (a pytree in
+  `ServerState.algorithm`, checkpointed with the rest; `{}` for FedAvg);
+* `client_rows(params) -> rows`: what ONE client keeps across rounds (a
+  dict of pytrees, stacked into `ServerState.client_states`);
+* `make_round() -> round_fn(state, data, client_ids, client_mask) ->
+  (state, metrics)`: one jitted round on top of `fedjax_diff.engine`;
+
+and optional hooks, each with a neutral default here:
+
+* `prepare(state, init_params)`: before the first round of a run, and
+  again on resume (FedDDPM's phase 1 and auxiliary set, cached in the
+  workdir);
+* `after_round(state, round) -> (state, figures)`: host-driven work after a
+  round (FedDDPM's server step);
+* `round_bytes(round)`: that round's exact traffic per link;
+* `round_figures(metrics, round)`: what a logged round adds to
+  metrics.jsonl;
+* `summary(num_rounds, state)`: the run's totals for summary.json;
+* `describe()`: one line for the log.
+
+`Run` is what every algorithm is built from: the trainer makes it once from
+the config (data on the mesh, model, loss, optimizers with their transforms,
+the upload path). An algorithm is one module of `fedjax_diff.algorithms`
+that defines `Algorithm`, named by `config.algorithm.name`.
+"""
+
+import abc
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjax_diff import client as client_lib
+from fedjax_diff import comm
+from fedjax_diff import engine
+from fedjax_diff import federation
+from fedjax_diff import state as state_lib
+from fedjax_diff.strategies.aggregator import Aggregator
+from fedjax_diff.strategies.upload import UploadTransform
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What an algorithm is built from (made once by the trainer).
+
+  Attributes:
+    config: the run's config.
+    workdir: the run's workdir.
+    mesh: the client mesh (`federation.client_mesh`).
+    data: every client's data, sharded over the mesh
+      (`federation.shard_client_data`; rows past `num_clients` are padding).
+    num_clients: the federation's real clients.
+    num_classes: classes of the dataset's labels.
+    image_shape: (H, W, C).
+    eps_fn: the model's noise predictor `(params, x_t, t, labels, *, train,
+      rng)`.
+    schedule: the diffusion noise schedule.
+    loss_fn: the local training loss `(params, x, labels, rng) -> scalar`.
+    client_optimizer: the clients' optax chain, with the client transforms
+      (FedDM-prox, group lasso) first.
+    server_optimizer: applied to the pseudo-gradient −Δ̄.
+    upload: the upload path of client updates, or None (float32 Δ).
+    param_shapes: shapes and dtypes of the model's parameters.
+    log: where progress lines go (process 0 prints).
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  data: federation.ClientData
+  num_clients: int
+  num_classes: int
+  image_shape: tuple[int, ...]
+  eps_fn: Callable[..., Any]
+  schedule: Any
+  loss_fn: client_lib.LossFn
+  client_optimizer: optax.GradientTransformationExtraArgs
+  server_optimizer: optax.GradientTransformation
+  upload: Optional[UploadTransform]
+  param_shapes: PyTree
+  log: Callable[[str], None] = print
+
+
+def client_figures(metrics) -> dict[str, float]:
+  """Weighted means over a round's real clients of their drift ‖Δ_k‖ and,
+  when the upload path changes Δ, of the relative upload error
+  ‖Δ̂_k − Δ_k‖ / ‖Δ_k‖."""
+  w = np.asarray(metrics['client_weights'], np.float64)
+  total = max(w.sum(), 1.0)
+  norms = np.asarray(metrics['client_update_norms'], np.float64)
+  out = {'client_drift': float(np.sum(np.where(w > 0, norms, 0) * w) / total)}
+  if 'client_upload_errors' in metrics:
+    errs = np.asarray(metrics['client_upload_errors'], np.float64)
+    rel = np.where(w > 0, errs / np.maximum(norms, 1e-30), 0)
+    out['upload_rel_error'] = float(np.sum(rel * w) / total)
+  return out
+
+
+class Algorithm(abc.ABC):
+  """A federated algorithm; see the module docstring for the protocol.
+
+  The base class reads the federation's settings from `run.config`, builds
+  one client's local training and upload (`client.make_client_update`), and
+  gives subclasses `client_fn` and `client_round` to run it on the engine.
+  """
+
+  name = 'algorithm'
+
+  def __init__(self, run: Run):
+    self.run = run
+    config = run.config
+    fed = config.federation
+    self.local_steps = int(fed.local_steps)
+    self.batch_size = int(fed.batch_size)
+    self.clients_per_round = int(fed.clients_per_round)
+    self.num_rounds = int(config.num_rounds)
+    self.mode = engine.resolve_mode(fed.mode,
+                                    run.mesh.devices.flat[0].platform)
+    self.chunk_size = fed.get('chunk_size') or None
+    self.ema_decay = float(config.ema_decay)
+    self.seed = int(config.seed)
+    # Clients that keep their optimizer state across rounds (DiLoCo-style,
+    # arXiv 2311.08105); False: a fresh client optimizer every round, as in
+    # FedAvg.
+    self.keep_optimizer_state = bool(
+        config.client_optimizer.get('keep_state', False))
+    self.train = client_lib.make_local_training(
+        run.loss_fn, run.client_optimizer, self.local_steps, self.batch_size,
+        bool(config.data.get('random_flip', False)))
+    self.local_update = client_lib.make_client_update(self.train, run.upload)
+
+  # -- The pure parts. -------------------------------------------------------
+
+  def init(self, params: PyTree) -> PyTree:
+    """The algorithm's server-side state (`ServerState.algorithm`)."""
+    del params
+    return {}
+
+  def client_rows(self, params: PyTree) -> dict:
+    """What one client keeps across rounds (`client.initial_rows`)."""
+    return client_lib.initial_rows(
+        params, upload=self.run.upload,
+        client_optimizer=(self.run.client_optimizer
+                          if self.keep_optimizer_state else None))
+
+  @abc.abstractmethod
+  def make_round(self, donate: bool = True) -> Callable:
+    """The jitted `round_fn(state, data, client_ids, client_mask) -> (state,
+    metrics)`, metrics holding at least `engine.client_metrics`' keys; with
+    `donate`, the input state's buffers are donated to the output."""
+
+  # -- Hooks. ----------------------------------------------------------------
+
+  def prepare(self, state: state_lib.ServerState,
+              init_params: PyTree) -> state_lib.ServerState:
+    """Before the first round of the run (and again on resume);
+    `init_params` are the run's initial global parameters."""
+    del init_params
+    return state
+
+  def after_round(self, state: state_lib.ServerState, round_idx: int
+                  ) -> tuple[state_lib.ServerState, dict]:
+    """After round `round_idx` (1-based): new state and figures to log."""
+    del round_idx
+    return state, {}
+
+  def round_bytes(self, round_idx: int) -> dict[str, int]:
+    """Round `round_idx`'s (0-based) exact traffic, all clients: θ down,
+    the upload path's message up (`comm.round_bytes`)."""
+    del round_idx
+    return comm.round_bytes(self.run.param_shapes, self.clients_per_round,
+                            self.run.upload)
+
+  def round_figures(self, metrics, round_idx: int) -> dict:
+    """What a logged round (0-based) adds to metrics.jsonl besides `loss`."""
+    out = dict(self.round_bytes(round_idx))
+    out.update(client_figures(metrics))
+    if self.run.upload is None:
+      out.pop('upload_rel_error', None)
+    return out
+
+  def summary(self, num_rounds: int,
+              state: Optional[state_lib.ServerState] = None) -> dict:
+    """The run's totals for summary.json (`comm.run_summary`); `state` is
+    the final server state."""
+    del state
+    return comm.run_summary(self.run.param_shapes, num_rounds,
+                            self.clients_per_round, self.run.upload)
+
+  def format_summary(self, summary: dict) -> str:
+    return comm.format_summary(summary)
+
+  def describe(self) -> str:
+    """One line: the algorithm and its client-side settings."""
+    fed = self.run.config.federation
+    traffic = self.round_bytes(0)
+    mu = float(self.run.config.get('prox_mu', 0.0) or 0.0)
+    upload = self.run.upload.name if self.run.upload else 'fp32'
+    return (f'{self.name}: {fed.clients_per_round} of {fed.num_clients} '
+            f'clients per round, {fed.local_steps} local steps of batch '
+            f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
+            f'{", client optimizer state kept across rounds" if self.keep_optimizer_state else ""}'
+            f'; upload {upload}: {traffic["uplink_bytes"] / 2**20:.2f} MiB '
+            f'up and {traffic["downlink_bytes"] / 2**20:.2f} MiB down per '
+            'round.')
+
+  # -- Sampling and the run's state. -----------------------------------------
+
+  def sample_clients(self, round_idx: int) -> np.ndarray:
+    """The clients of round `round_idx`: `clients_per_round` of them, without
+    replacement, deterministic from (seed, round)."""
+    return federation.sample_clients(self.run.num_clients,
+                                     self.clients_per_round, self.seed,
+                                     round_idx)
+
+  def slots(self, round_idx: int, slots_per_device: Optional[int] = None):
+    """(client_ids, client_mask) of round `round_idx`, laid out on the mesh
+    (`federation.round_slots`)."""
+    return federation.round_slots(self.sample_clients(round_idx),
+                                  self.run.mesh.size,
+                                  self.run.data.num_clients, slots_per_device)
+
+  def initial_state(self, params: PyTree,
+                    rng: jax.Array) -> state_lib.ServerState:
+    """The round-0 server state, placed on the mesh."""
+    mesh = self.run.mesh
+    state = state_lib.init_server_state(
+        params, self.run.server_optimizer, rng,
+        state_lib.init_client_states(self.client_rows, params,
+                                     self.run.data.num_clients, mesh),
+        algorithm=self.init(params))
+    return state_lib.place_state(state, mesh)
+
+  # -- For subclasses: one client on the engine. -----------------------------
+
+  def client_fn(self, start: Callable[[PyTree, PyTree], PyTree],
+                contribution: Optional[Callable] = None,
+                extra_args: Optional[Callable] = None) -> engine.ClientFn:
+    """The engine's function of one client: local training from
+    `start(shared, slot_input)`, then the upload path.
+
+    Args:
+      start: `(shared, slot_input) -> params` the client starts from;
+        `shared` is `(whatever the round broadcasts, round index)`.
+      contribution: `(update: client.ClientUpdate, shared, slot_input,
+        rows) -> (contribution, rows)` for the aggregator; default: Δ̂_k.
+      extra_args: `(shared, slot_input, rows) -> dict` of extra arguments
+        for the client optimizer (e.g. SCAFFOLD's control variates).
+    """
+
+    def client_fn(shared, slot, data_row, rows):
+      key, slot_input = slot
+      _, round_idx = shared
+      local = client_lib.LocalData(data_row.images, data_row.labels,
+                                   data_row.counts)
+      extra = extra_args(shared, slot_input, rows) if extra_args else None
+      u = self.local_update(start(shared, slot_input), local, key, rows,
+                            round_idx, extra)
+      contrib, rows = ((u.update, u.rows) if contribution is None else
+                       contribution(u, shared, slot_input, u.rows))
+      return engine.ClientResult(
+          contribution=contrib, rows=rows,
+          outputs={'loss': u.loss, 'norm': u.norm,
+                   'upload_error': u.upload_error},
+          count=data_row.counts)
+
+    return client_fn
+
+  def client_round(self, client_fn: engine.ClientFn, aggregator: Aggregator):
+    """`engine.make_client_round` with this run's mesh, mode and rows."""
+    params = self.run.param_shapes
+    return engine.make_client_round(
+        client_fn, mesh=self.run.mesh, mode=self.mode,
+        chunk_size=self.chunk_size, aggregator=aggregator,
+        row_shapes=jax.eval_shape(self.client_rows, params))

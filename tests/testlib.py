@@ -1,0 +1,293 @@
+"""The shared test library: tiny models and data, an independent batch
+sampler, and the plain-Python reference of a federated round.
+
+Nothing here calls the code under test to compute an expected value: the
+sampler and the loops below are written from the documented key scheme
+(`fedjax_diff.client` and `fedjax_diff.engine` module docstrings) with
+numpy and plain Python, so a round test compares two independent
+implementations. The library only *builds* objects under test (an algorithm
+from a tiny config) through `make_algorithm`.
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fedjax_diff import algorithms
+from fedjax_diff import federation
+from fedjax_diff import optimizers
+from fedjax_diff.state import init_server_state
+
+PyTree = Any
+LOCAL_STEPS = 3
+BATCH = 4
+EMA = 0.9
+NUM_CLASSES = 4
+SERVER_OPT = optax.sgd(1.0, momentum=0.9)
+# The documented tag of a client's upload key (strategies/upload.py).
+UPLOAD_KEY_TAG = 0x75706C64
+
+
+class TinyDenoiser(nn.Module):
+  """Two convolutions: enough to make vmapped grouped convolutions."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3, 3))(x))
+    return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
+MODEL = TinyDenoiser()
+
+
+def loss_fn(params, x, labels, rng):
+  """A denoising loss that also depends on labels and on the key."""
+  noise = jax.random.normal(rng, x.shape)
+  pred = MODEL.apply({'params': params}, x + 0.5 * noise)
+  scale = 1.0 + 0.1 * labels.astype(jnp.float32)[:, None, None, None]
+  return jnp.mean(scale * (pred - noise) ** 2)
+
+
+def eps_fn(params, x, t, labels, *, train, rng=None):
+  """The tiny denoiser as an ε-network (it ignores t and labels)."""
+  del t, labels, train, rng
+  return MODEL.apply({'params': params}, x)
+
+
+def init_params(seed: int = 1) -> PyTree:
+  return MODEL.init(jax.random.PRNGKey(seed),
+                    jnp.zeros((1, 8, 8, 1)))['params']
+
+
+def make_data(num_clients: int = 16, seed: int = 0,
+              classes: Optional[Callable[[int], list[int]]] = None):
+  """Clients with 3..12 uint8 8×8×1 images each; labels uniform over
+  NUM_CLASSES, or over `classes(k)` for client k."""
+  rng = np.random.default_rng(seed)
+  counts = rng.integers(3, 13, size=num_clients)
+  images, labels = [], []
+  for k, n in enumerate(counts):
+    pool = classes(k) if classes else list(range(NUM_CLASSES))
+    labels.append(rng.choice(pool, size=n).astype(np.int32))
+    images.append(rng.integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8))
+  parts = np.split(np.arange(counts.sum()), np.cumsum(counts)[:-1])
+  return federation.stack_clients(np.concatenate(images),
+                                  np.concatenate(labels), parts)
+
+
+# SGD with momentum, clipping and warmup on clients and FedAvgM on the server:
+# a stateful chain on both sides whose result is a smooth function of the
+# inputs. (Adam's first step, lr·g/(|g|+ε), turns float rounding of near-zero
+# gradient entries into ±lr jumps, so summation orders that differ by device
+# count would not agree to a tolerance.)
+def client_opt_config(name: str = 'sgd') -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name, learning_rate=5e-2, momentum=0.9, warmup_steps=4,
+      grad_clip=1.0))
+
+
+def client_opt(name: str = 'sgd', extra=None):
+  return optimizers.client_optimizer(client_opt_config(name), extra=extra)
+
+
+def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) and la
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), rtol=rtol,
+                               atol=atol)
+
+
+def tree_distance(a, b) -> float:
+  return max(float(np.abs(np.asarray(x, np.float64) -
+                          np.asarray(y, np.float64)).max())
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --- The independent sampler. ---
+
+
+def client_key(rng, round_idx: int, cid: int):
+  """Client `cid`'s key in round `round_idx`: fold_in(fold_in(rng, r), k)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, round_idx), cid)
+
+
+def batch_indices(order_key, count: int, max_n: int, step: int,
+                  batch_size: int) -> np.ndarray:
+  """The example indices of a client's local batch `step`, as documented:
+  the valid positions [0, count) ordered by their scores
+  `uniform(order_key, (max_n,))`, read cyclically B at a time."""
+  scores = np.asarray(jax.random.uniform(order_key, (max_n,)))
+  order = sorted(range(count), key=lambda i: (scores[i], i))
+  return np.array([order[(step * batch_size + j) % count]
+                   for j in range(batch_size)])
+
+
+def train_client(start, images, labels, count, key, round_idx, *,
+                 loss=loss_fn, optimizer=None, local_steps=LOCAL_STEPS,
+                 batch_size=BATCH, opt_state=None, extra_args=None):
+  """One client's local training as a plain loop over steps.
+
+  Returns (params, mean loss, optimizer state)."""
+  opt = optimizer or client_opt()
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  order_key, train_key = jax.random.split(key)
+  images, labels = np.asarray(images), np.asarray(labels)
+  params = start
+  opt_state = opt.init(start) if opt_state is None else opt_state
+  losses = []
+  for s in range(local_steps):
+    _, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
+    idx = batch_indices(order_key, count, images.shape[0], s, batch_size)
+    x = jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0
+    value, grads = grad_fn(params, x, jnp.asarray(labels[idx]), loss_key)
+    updates, opt_state = opt.update(
+        grads, opt_state, params, global_params=start,
+        global_step=round_idx * local_steps + s, **(extra_args or {}))
+    params = optax.apply_updates(params, updates)
+    losses.append(float(value))
+  return params, float(np.mean(losses)), opt_state
+
+
+def upload_key(key):
+  return jax.random.fold_in(key, UPLOAD_KEY_TAG)
+
+
+def delta64(params, start):
+  return jax.tree.map(lambda a, b: np.asarray(a, np.float64) -
+                      np.asarray(b, np.float64), params, start)
+
+
+def weighted_mean64(trees, weights):
+  w = np.asarray(weights, np.float64)
+  return jax.tree.map(lambda *ds: sum(a * d for a, d in zip(w, ds)) / w.sum(),
+                      *trees)
+
+
+def server_step(state, pseudo_grad64, ema_decay=EMA, server_opt=SERVER_OPT):
+  """The server optimizer on a float64 pseudo-gradient, then the EMA with
+  its documented warmup min(d, (1 + r)/(10 + r))."""
+  grad = jax.tree.map(lambda d: jnp.asarray(d, jnp.float32), pseudo_grad64)
+  updates, opt_state = server_opt.update(grad, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  r = int(state.round)
+  decay = min(ema_decay, (1 + r) / (10 + r))
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                     state.ema_params, params)
+  return state.replace(params=params, ema_params=ema, opt_state=opt_state,
+                       round=state.round + 1)
+
+
+def fedavg_round(state, data, client_ids, *, optimizer=None,
+                 upload_fn=None, opt_states=None, server_opt=SERVER_OPT,
+                 local_steps=LOCAL_STEPS):
+  """A FedAvg round as a plain Python loop over clients.
+
+  Args:
+    state: the server state (params, ema_params, opt_state, round, rng).
+    data: a `federation.ClientData` of numpy arrays.
+    client_ids: the round's clients.
+    optimizer: the client optimizer (default `client_opt()`).
+    upload_fn: `(cid, delta, upload_key, params) -> delta_hat`; None sends Δ.
+    opt_states: dict client id → optimizer state, updated in place, when
+      clients keep theirs across rounds (a missing id starts from `init`).
+    server_opt, local_steps: as in the round.
+
+  Returns:
+    (state, example-weighted mean loss).
+  """
+  r = int(state.round)
+  deltas, weights, losses = [], [], []
+  for cid in client_ids:
+    cid = int(cid)
+    key = client_key(state.rng, r, cid)
+    count = int(data.counts[cid])
+    params, loss, opt_state = train_client(
+        state.params, data.images[cid], data.labels[cid], count, key, r,
+        optimizer=optimizer, local_steps=local_steps,
+        opt_state=None if opt_states is None else opt_states.get(cid))
+    if opt_states is not None:
+      opt_states[cid] = opt_state
+    delta = jax.tree.map(jnp.subtract, params, state.params)
+    if upload_fn is not None:
+      delta = upload_fn(cid, delta, upload_key(key), params)
+    deltas.append(jax.tree.map(lambda d: np.asarray(d, np.float64), delta))
+    weights.append(count)
+    losses.append(loss)
+  mean = weighted_mean64(deltas, weights)
+  new = server_step(state, jax.tree.map(np.negative, mean),
+                    server_opt=server_opt)
+  return new, float(np.average(losses, weights=weights))
+
+
+# --- Building the objects under test from a tiny config. ---
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The config fields an algorithm reads, for the tiny model above."""
+  config = ml_collections.ConfigDict(dict(
+      seed=0, num_rounds=4, ema_decay=EMA, algorithm='fedavg',
+      data=dict(random_flip=False),
+      federation=dict(num_clients=16, clients_per_round=12,
+                      local_steps=LOCAL_STEPS, batch_size=BATCH,
+                      mode='vmap', chunk_size=0),
+      client_optimizer=dict(client_opt_config(), keep_state=False),
+      model=dict(num_classes=None)))
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def make_algorithm(data, num_devices: int = 1, *, name: str = 'fedavg',
+                   config=None, optimizer=None, upload=None,
+                   num_classes: int = NUM_CLASSES, loss=loss_fn,
+                   **overrides):
+  """(algorithm, sharded data) for `data` on the first `num_devices`
+  devices, built from `tiny_config(**overrides)` (or `config`)."""
+  config = config or tiny_config(**overrides)
+  with config.unlocked():
+    config.algorithm = name
+  mesh = federation.client_mesh(jax.devices()[:num_devices])
+  sharded = federation.shard_client_data(data, mesh)
+  params = init_params()
+  run = algorithms.Run(
+      config=config, workdir='/nonexistent', mesh=mesh, data=sharded,
+      num_clients=int(np.sum(np.asarray(data.counts) > 0)),
+      num_classes=num_classes, image_shape=(8, 8, 1), eps_fn=eps_fn,
+      schedule=None, loss_fn=loss, client_optimizer=optimizer or client_opt(),
+      server_optimizer=SERVER_OPT, upload=upload,
+      param_shapes=jax.eval_shape(lambda: params), log=lambda msg: None)
+  return algorithms.build(name, run), sharded
+
+
+def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True):
+  """Runs the algorithm's round over `rounds_ids`; returns (state, list of
+  host metrics, round_fn)."""
+  round_fn = algorithm.make_round(donate=donate)
+  mesh = algorithm.run.mesh
+  if state is None:
+    state = algorithm.initial_state(init_params(), jax.random.PRNGKey(42))
+  all_metrics = []
+  for ids in rounds_ids:
+    slots = federation.round_slots(np.asarray(ids), mesh.size,
+                                   sharded.num_clients)
+    state, metrics = round_fn(state, sharded, *slots)
+    all_metrics.append(jax.tree.map(np.asarray, metrics))
+  return state, all_metrics, round_fn
+
+
+def reference_state(params=None):
+  """The round-0 server state the reference loops start from (the same
+  `init_server_state` fields as `Algorithm.initial_state`, on the host)."""
+  return init_server_state(init_params() if params is None else params,
+                           SERVER_OPT, jax.random.PRNGKey(42))
