@@ -1,8 +1,5 @@
 """FedDDPM's server step on the auxiliary data."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,14 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_diff import rounds
+import fedddpm_testlib as lib
 from fedjax_diff.diffusion import diffusion_loss
+from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.diffusion import make_schedule
 from fedjax_diff.state import init_server_state
 from fedjax_diff.strategies import server_aux
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'fedddpm'))
-import fedddpm_testlib as lib  # pylint: disable=g-import-not-at-top
 
 SCHEDULE = make_schedule('linear', 100)
 EMA = 0.9
@@ -87,7 +82,7 @@ def test_ema_sees_the_corrected_model():
     want = np.asarray(e0, np.float64) + (1 - d) * (
         np.asarray(p1, np.float64) - np.asarray(p0, np.float64))
     np.testing.assert_allclose(np.asarray(e1), want, rtol=1e-6, atol=1e-7)
-  assert rounds.ema_decay_at(EMA, 2) == pytest.approx(d)
+  assert ema_lib.ema_decay_at(EMA, 2) == pytest.approx(d)
 
 
 def test_bad_optimizer_name_is_refused():
