@@ -9,8 +9,8 @@ from configs import cifar10_fedavg
 from configs import cifar10_fedddpm
 from configs import mnist_fedddpm
 from configs import mnist_fedddpm_plus
-from fedjax_diff import fedddpm
 from fedjax_diff import workdir as workdir_lib
+from fedjax_diff.algorithms import fedddpm
 
 
 def _flat(config):
@@ -31,19 +31,25 @@ def test_plus_changes_only_the_plus_flag():
 
 def test_fedavg_baselines_use_the_same_model_and_data():
   mnist = mnist_fedddpm.get_config('fedavg')
-  assert not fedddpm.enabled(mnist) and fedddpm.enabled(
-      mnist_fedddpm.get_config())
+  assert mnist.algorithm == 'fedavg'
+  assert mnist_fedddpm.get_config().algorithm == 'fedddpm'
   assert _changed(mnist_fedddpm.get_config(), mnist) == {
-      'fedddpm.enabled', 'num_rounds',
-      'evaluators.denoising_loss.every_rounds'}
+      'algorithm', 'num_rounds', 'evaluators.denoising_loss.every_rounds'}
   assert _changed(cifar10_fedddpm.get_config(),
-                  cifar10_fedddpm.get_config('fedavg')) == {'fedddpm.enabled'}
+                  cifar10_fedddpm.get_config('fedavg')) == {'algorithm'}
+  for variant in (None, 'plus'):
+    assert cifar10_fedddpm.get_config(variant).algorithm == 'fedddpm'
+  # Every FedDDPM config's block parses (no unknown or invalid field).
+  for config in (mnist_fedddpm.get_config(), mnist_fedddpm_plus.get_config(),
+                 cifar10_fedddpm.get_config('plus'),
+                 cifar100_fedddpm.get_config()):
+    assert fedddpm.Settings.from_config(config).pretrain_steps >= 1
 
 
 def test_cifar_configs_are_conditional_fedavg_settings():
   changed = _changed(cifar10_fedavg.get_config(), cifar10_fedddpm.get_config())
   assert {k for k in changed if not k.startswith('fedddpm.')} == {
-      'model.num_classes', 'diffusion.cond_drop_prob',
+      'algorithm', 'model.num_classes', 'diffusion.cond_drop_prob',
       'evaluators.samples.guidance_scale'}
   c100 = cifar100_fedddpm.get_config()
   assert (c100.data.name, c100.model.num_classes,
