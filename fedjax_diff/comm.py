@@ -15,7 +15,6 @@ Both are static: they depend on shapes and configs only, never on values.
 Padding slots of a round are not clients and send nothing.
 """
 
-import json
 from typing import Any, Optional
 
 import jax
@@ -76,14 +75,19 @@ def round_bytes(params: PyTree, num_clients: int,
 
 
 def run_summary(params: PyTree, num_rounds: int, clients_per_round: int,
-                upload: Optional[Any] = None) -> dict[str, Any]:
+                upload: Optional[Any] = None,
+                per_round: Optional[dict[str, int]] = None) -> dict[str, Any]:
   """Total traffic of a run of `num_rounds` rounds, and its uplink saving.
 
+  `per_round` is one round's {'uplink_bytes', 'downlink_bytes'} (default
+  `round_bytes(params, clients_per_round, upload)`; an algorithm that sends
+  more, e.g. SCAFFOLD's control variates, gives its own).
   `uplink_compression_vs_fedavg_fp32` is FedAvg's float32 uplink divided by
   this run's (8-bit quantization gives ≈ 4×); `uplink_fraction_of_fedavg_fp32`
   its inverse.
   """
-  per_round = round_bytes(params, clients_per_round, upload)
+  if per_round is None:
+    per_round = round_bytes(params, clients_per_round, upload)
   fedavg = fedavg_round_bytes(params, clients_per_round)
   up = num_rounds * per_round['uplink_bytes']
   down = num_rounds * per_round['downlink_bytes']
@@ -120,10 +124,6 @@ def format_summary(summary: dict[str, Any]) -> str:
       f'\n  downlink {summary["total_downlink_bytes"] / mib:,.2f} MiB '
       f'({summary["downlink_bytes_per_client"]:,} B per client and round)'
       f'\n  total    {summary["total_bytes"] / mib:,.2f} MiB')
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-  return json.dumps(summary, indent=2, sort_keys=True)
 
 
 def model_upload_bytes(params: PyTree, num_clients: int) -> int:

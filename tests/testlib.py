@@ -278,9 +278,12 @@ def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True):
   if state is None:
     state = algorithm.initial_state(init_params(), jax.random.PRNGKey(42))
   all_metrics = []
+  # As many slots in every round (one compilation), as few as fit them all.
+  per_device = federation.max_slots_per_device(rounds_ids, sharded.num_clients,
+                                               mesh.size)
   for ids in rounds_ids:
     slots = federation.round_slots(np.asarray(ids), mesh.size,
-                                   sharded.num_clients)
+                                   sharded.num_clients, per_device)
     state, metrics = round_fn(state, sharded, *slots)
     all_metrics.append(jax.tree.map(np.asarray, metrics))
   return state, all_metrics, round_fn

@@ -133,10 +133,17 @@ class Algorithm(abc.ABC):
     # FedAvg.
     self.keep_optimizer_state = bool(
         config.client_optimizer.get('keep_state', False))
+    self.client_optimizer = self.make_client_optimizer()
     self.train = client_lib.make_local_training(
-        run.loss_fn, run.client_optimizer, self.local_steps, self.batch_size,
+        run.loss_fn, self.client_optimizer, self.local_steps, self.batch_size,
         bool(config.data.get('random_flip', False)))
     self.local_update = client_lib.make_client_update(self.train, run.upload)
+
+  def make_client_optimizer(self) -> optax.GradientTransformationExtraArgs:
+    """The chain the clients train with: the run's, by default. An
+    algorithm that changes the local gradient (SCAFFOLD's correction) puts
+    its transform in front here."""
+    return self.run.client_optimizer
 
   # -- The pure parts. -------------------------------------------------------
 
@@ -149,7 +156,7 @@ class Algorithm(abc.ABC):
     """What one client keeps across rounds (`client.initial_rows`)."""
     return client_lib.initial_rows(
         params, upload=self.run.upload,
-        client_optimizer=(self.run.client_optimizer
+        client_optimizer=(self.client_optimizer
                           if self.keep_optimizer_state else None))
 
   @abc.abstractmethod
@@ -194,7 +201,8 @@ class Algorithm(abc.ABC):
     the final server state."""
     del state
     return comm.run_summary(self.run.param_shapes, num_rounds,
-                            self.clients_per_round, self.run.upload)
+                            self.clients_per_round, self.run.upload,
+                            per_round=self.round_bytes(0))
 
   def format_summary(self, summary: dict) -> str:
     return comm.format_summary(summary)
