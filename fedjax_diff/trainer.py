@@ -15,10 +15,12 @@ import dataclasses
 import inspect
 import os
 import time
+from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from fedjax_diff import algorithms
 from fedjax_diff import data as data_lib
@@ -121,8 +123,10 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
   return loss_fn
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str):
-  """Everything a run trains with, built from the config.
+def setup(config: ml_collections.ConfigDict, workdir: str,
+          mesh: Optional[Mesh] = None):
+  """Everything a run trains with, built from the config, on `mesh` (default:
+  every device).
 
   Returns (run, init_params, test split, pruning figures or None):
   `run` (`algorithms.Run`) holds the data on the mesh, the (possibly
@@ -130,7 +134,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   client transforms and the upload path.
   """
   seed = int(config.seed)
-  mesh = federation.client_mesh()
+  mesh = mesh or federation.client_mesh()
   train, test = load_data(config.data)
   parts = partition(train.labels, config.partition,
                     int(config.federation.num_clients), seed)

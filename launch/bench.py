@@ -9,12 +9,14 @@ r"""Round throughput: the jitted round's execution modes against a Python loop.
 Measures client examples per second, `clients_per_round × local_steps ×
 batch_size / seconds per round`, of
 
-* the jitted round (`rounds.make_round_fn`) in each execution mode: 'vmap',
+* the algorithm's jitted round (`config.algorithm`, on the client engine)
+  in each execution mode: 'vmap',
   'map', and 'chunked' with each of `--chunk_sizes` that divides the client
   slots per device (others are skipped, saying so), on a mesh of the first
   `--devices` devices;
 * 'loop': the baseline of a PyTorch-style simulator on one device, the same
-  local training (`rounds.make_client_update`, jitted once for one client)
+  local training and upload (the algorithm's `local_update`, jitted once for
+  one client)
   called client after client from Python, each update folded into a running
   weighted sum by a small jitted function, then the weighted mean, server
   optimizer and EMA in one jitted step.
@@ -32,6 +34,7 @@ output also holds the measured process-wide peak: the device's
 process's maximum resident set size while the mode ran.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -40,6 +43,7 @@ import platform as platform_lib
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -56,14 +60,12 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from fedjax_diff import algorithms
+from fedjax_diff import client as client_lib
 from fedjax_diff import federation
 from fedjax_diff import models
-from fedjax_diff import optimizers
-from fedjax_diff import rounds
+from fedjax_diff import state as state_lib
 from fedjax_diff import trainer
-from fedjax_diff.diffusion import ema as ema_lib
-from fedjax_diff.diffusion import make_schedule
-from fedjax_diff.state import init_server_state
 
 ALL_MODES = ('vmap', 'map', 'chunked', 'loop')
 
@@ -109,34 +111,28 @@ class Setup:
     self.clients_per_round = int(fed.clients_per_round)
     self.local_steps = int(fed.local_steps)
     self.batch_size = int(fed.batch_size)
-    self.random_flip = bool(config.data.get('random_flip', False))
     self.ema_decay = float(config.ema_decay)
-
-    # Client data, as the trainer builds it.
-    train, _ = trainer.load_data(config.data)
-    parts = trainer.partition(train.labels, config.partition,
-                              self.num_clients, self.seed)
-    self.data = federation.stack_clients(train.images, train.labels, parts)
-    image_shape = tuple(train.images.shape[1:])
-
-    # Model, loss and optimizers, as the trainer builds them.
-    model = models.unet_from_config(config.model)
-    eps_fn = models.make_eps_fn(model)
-    schedule = make_schedule(config.diffusion.schedule,
-                             int(config.diffusion.num_timesteps))
-    self.loss_fn = trainer.make_loss_fn(eps_fn, schedule, config)
-    params = jax.jit(lambda k: models.init_params(model, k, image_shape))(
-        jax.random.key(self.seed, impl='rbg'))
-    self.num_params = models.count_params(params)
-    self.server_opt = optimizers.server_optimizer(config.server_optimizer)
-    self.client_opt = optimizers.client_optimizer(config.client_optimizer)
+    # Data, model, loss and optimizers as the trainer builds them.
+    with tempfile.TemporaryDirectory() as workdir:
+      self.run, params, _, _ = trainer.setup(config, workdir, self.mesh)
     # Kept on the host: every mode places (and may donate) its own copy.
-    self.initial_state = jax.device_get(init_server_state(
-        params, self.server_opt, jax.random.PRNGKey(self.seed + 1)))
-
+    self.params = jax.device_get(params)
+    self.num_params = models.count_params(self.params)
     self.round_ids = [
         federation.sample_clients(self.num_clients, self.clients_per_round,
                                   self.seed, r) for r in range(num_rounds)]
+
+  def algorithm(self, mode: str, chunk_size: Optional[int] = None):
+    """The run's algorithm with the clients of a device run in `mode`."""
+    config = ml_collections.ConfigDict(self.config.to_dict())
+    config.federation.mode = mode
+    config.federation.chunk_size = chunk_size or 0
+    return algorithms.build(config.get('algorithm', 'fedavg'),
+                            dataclasses.replace(self.run, config=config))
+
+  def initial_state(self, algorithm):
+    return algorithm.initial_state(self.params,
+                                   jax.random.PRNGKey(self.seed + 1))
 
   @property
   def examples_per_round(self) -> int:
@@ -144,7 +140,8 @@ class Setup:
 
   @property
   def slots_per_device(self) -> int:
-    return rounds.num_slots(self.clients_per_round, self.mesh) // self.mesh.size
+    return federation.max_slots_per_device(
+        self.round_ids, self.run.data.num_clients, self.mesh.size)
 
 
 class MemoryProbe:
@@ -207,19 +204,17 @@ def _timed_rounds(name: str, run_round, num_rounds: int,
 
 def bench_jitted(setup: Setup, mode: str, chunk_size: Optional[int],
                  warmup: int, repeats: int) -> dict[str, Any]:
-  """Times the jitted round of `rounds.make_round_fn` in one mode."""
+  """Times the algorithm's jitted round in one mode."""
   name = mode if chunk_size is None else f'{mode}[{chunk_size}]'
   mesh = setup.mesh
   probe = MemoryProbe(setup.devices[0])
-  round_fn = rounds.make_round_fn(
-      loss_fn=setup.loss_fn, client_optimizer=setup.client_opt,
-      server_optimizer=setup.server_opt, mesh=mesh,
-      local_steps=setup.local_steps, batch_size=setup.batch_size, mode=mode,
-      chunk_size=chunk_size, ema_decay=setup.ema_decay,
-      random_flip=setup.random_flip)
-  data = federation.shard_client_data(setup.data, mesh)
-  state = federation.replicate(setup.initial_state, mesh)
-  slots = [federation.round_slots(ids, mesh.size) for ids in setup.round_ids]
+  algorithm = setup.algorithm(mode, chunk_size)
+  round_fn = algorithm.make_round()
+  data = setup.run.data
+  state = setup.initial_state(algorithm)
+  slots = [federation.round_slots(ids, mesh.size, data.num_clients,
+                                  setup.slots_per_device)
+           for ids in setup.round_ids]
 
   log(f'{name}: compiling on {mesh.size} device(s)...')
   t = time.perf_counter()
@@ -247,9 +242,16 @@ def bench_loop(setup: Setup, warmup: int, repeats: int) -> dict[str, Any]:
   def put(x):
     return jax.device_put(x, device)
 
-  client_update = jax.jit(rounds.make_client_update(
-      setup.loss_fn, setup.client_opt, setup.local_steps, setup.batch_size,
-      setup.random_flip))
+  algorithm = setup.algorithm('map')
+  server_opt = setup.run.server_optimizer
+
+  def one_client(params, images, labels, count, key, round_idx):
+    u = algorithm.local_update(
+        params, client_lib.LocalData(images, labels, count), key, {},
+        round_idx)
+    return u.update, u.loss
+
+  client_update = jax.jit(one_client)
 
   def accumulate(acc, delta, weight):
     total, weight_sum = acc
@@ -259,22 +261,18 @@ def bench_loop(setup: Setup, warmup: int, repeats: int) -> dict[str, Any]:
   def server_step(state, acc):
     total, weight_sum = acc
     mean = jax.tree.map(lambda t: t / weight_sum, total)
-    updates, opt_state = setup.server_opt.update(
+    updates, opt_state = server_opt.update(
         jax.tree.map(jnp.negative, mean), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return state.replace(
-        params=params,
-        ema_params=ema_lib.ema_update(state.ema_params, params,
-                                      setup.ema_decay),
-        opt_state=opt_state, round=state.round + 1)
+    return state_lib.advance(state, optax.apply_updates(state.params, updates),
+                             opt_state, setup.ema_decay)
 
   # Every client's data on the device once, as a simulator would hold it.
-  data = setup.data
+  data = jax.device_get(setup.run.data)
   images = [put(data.images[k]) for k in range(setup.num_clients)]
   labels = [put(data.labels[k]) for k in range(setup.num_clients)]
   counts = [put(np.int32(c)) for c in data.counts]
   weights = [put(np.float32(c)) for c in data.counts]
-  state = put(setup.initial_state)
+  state = put(jax.device_get(setup.initial_state(algorithm)))
 
   def zeros():
     return (jax.tree.map(jnp.zeros_like, state.params),

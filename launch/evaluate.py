@@ -55,6 +55,7 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
   from fedjax_diff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from fedjax_diff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
+  from fedjax_diff.strategies import pruning_schedule  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
@@ -75,7 +76,8 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
                                 round=int(raw['round']))
 
   _, test = trainer.load_data(config.data)
-  model = models.unet_from_config(config.model)
+  # The UNet the run trained: the compact one of a pruned (FedPhD) run.
+  model = pruning_schedule.model_for_run(config, workdir)
   ctx = evaluators_lib.EvalContext(
       eps_fn=models.make_eps_fn(model),
       schedule=make_schedule(config.diffusion.schedule,

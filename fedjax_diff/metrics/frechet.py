@@ -16,7 +16,6 @@ Statistics follow pytorch-fid: the mean and the unbiased (N − 1) covariance.
 """
 
 import dataclasses
-from typing import Iterable
 
 import numpy as np
 
@@ -82,13 +81,6 @@ def gaussian_stats(features) -> GaussianStats:
   """Mean and unbiased covariance of features [N, D] (np.cov convention)."""
   acc = StatsAccumulator()
   acc.update(features)
-  return acc.result()
-
-
-def stats_from_batches(batches: Iterable) -> GaussianStats:
-  acc = StatsAccumulator()
-  for b in batches:
-    acc.update(b)
   return acc.result()
 
 

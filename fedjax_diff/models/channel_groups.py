@@ -269,13 +269,6 @@ def axis_layout(groups: list[ChannelGroup]) -> dict[Path, dict[int, Segments]]:
   return layout
 
 
-def by_name(groups: list[ChannelGroup]) -> dict[str, ChannelGroup]:
-  names = [g.name for g in groups]
-  if len(set(names)) != len(names):
-    raise ValueError(f'channel group names are not unique: {names}')
-  return {g.name: g for g in groups}
-
-
 def kept_counts(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:
   """`kept_count` of every group at a uniform `ratio` (FedPhD prunes every
   group by the same ratio: torch-pruning's local, non-global pruning)."""

@@ -79,12 +79,8 @@ def _jit_unless_traced(fn, *trees):
   return jax.jit(fn)(*trees)
 
 
-def group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
-  """For each group, Σ over its members' slices of channel c: [size]."""
-  return _jit_unless_traced(lambda t: _group_sums(t, groups), tree)
-
-
 def _group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
+  """For each group, Σ over its members' slices of channel c: [size]."""
   out = {}
   for g in groups:
     total = jnp.zeros((g.size,), jnp.float32)
