@@ -1,22 +1,23 @@
-"""FedDM-prox and FedDM-quant through the real round, against Python loops.
+"""FedDM-prox and FedDM-quant through FedAvg's round on the engine, against
+the test library's Python loop.
 
-The reference rounds train each client with the documented key scheme of
-`rounds.make_local_training`, derive its upload key as documented in
-`strategies.upload` (fold_in(client_key, UPLOAD_KEY_TAG), then the
-quantizer's `round_key, calib_key = split(key)`), and apply the pure
-functions of `strategies.quantize` client by client.
+The reference rounds are `testlib.fedavg_round`: each client trains with the
+documented key scheme (`fedjax_diff.client`), its upload key is derived as
+documented in `strategies.upload` (fold_in(client_key, UPLOAD_KEY_TAG), then
+the quantizer's `round_key, calib_key = split(key)`), and the pure functions
+of `strategies.quantize` are applied client by client.
 """
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
+import testlib as lib
+from fedjax_diff import client as client_lib
 from fedjax_diff import federation
 from fedjax_diff import optimizers
-from fedjax_diff import rounds
 from fedjax_diff import state as state_lib
 from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import linear_schedule
@@ -24,118 +25,37 @@ from fedjax_diff.strategies import proximal as proximal_lib
 from fedjax_diff.strategies import quantize as q_lib
 from fedjax_diff.strategies import upload as upload_lib
 from fedjax_diff.strategies.calibration import Calibration
-from test_rounds import assert_trees_close
-from test_rounds import BATCH
-from test_rounds import client_opt
-from test_rounds import EMA
-from test_rounds import init_state
-from test_rounds import LOCAL_STEPS
-from test_rounds import loss_fn
-from test_rounds import make_data
-from test_rounds import MODEL
-from test_rounds import ROUND_IDS
-from test_rounds import SERVER_OPT
 
 Config = q_lib.QuantizationConfig
+UPLOAD = client_lib.UPLOAD
+ROUND_IDS = [np.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 15]),
+             np.array([1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15])]
 
-
-def eps_fn(params, x, t, labels, *, train):
-  """The tiny denoiser as an ε-network (it ignores t and labels)."""
-  del t, labels, train
-  return MODEL.apply({'params': params}, x)
-
-
-CALIBRATION = Calibration(eps_fn=eps_fn, schedule=linear_schedule(100),
+CALIBRATION = Calibration(eps_fn=lib.eps_fn, schedule=linear_schedule(100),
                           image_shape=(8, 8, 1), batch=2, steps=2)
 
 
-def make_round(num_devices=1, mode='vmap', upload=None, optimizer=None,
-               local_steps=LOCAL_STEPS, donate=True):
-  mesh = federation.client_mesh(jax.devices()[:num_devices])
-  round_fn = rounds.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=optimizer or client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=local_steps,
-      batch_size=BATCH, upload=upload, mode=mode, ema_decay=EMA,
-      donate=donate)
-  return mesh, round_fn
+def make_fedavg(data, num_devices=1, mode='vmap', upload=None, optimizer=None,
+                **overrides):
+  """(algorithm, sharded data): FedAvg with the upload path under test."""
+  return lib.make_algorithm(data, num_devices, upload=upload,
+                            optimizer=optimizer,
+                            **{'federation.mode': mode, **overrides})
 
 
-def start_state(upload, data, mesh):
-  state = init_state()
-  states = state_lib.init_client_states(upload, state.params,
-                                        data.num_clients, mesh)
-  return state_lib.place_state(state.replace(client_states=states), mesh)
-
-
-def upload_key(state, cid):
-  """The documented upload key of client `cid` in the state's round."""
-  round_key = jax.random.fold_in(state.rng, int(state.round))
-  client_key = jax.random.fold_in(round_key, int(cid))
-  return client_key, jax.random.fold_in(client_key,
-                                        upload_lib.UPLOAD_KEY_TAG)
-
-
-_grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-
-
-def train_client(state, data, cid, key):
-  """Local training of one client as a plain loop (test_rounds' scheme)."""
-  opt = client_opt()
-  round_idx = int(state.round)
-  order_key, train_key = jax.random.split(key)
-  count = int(data.counts[cid])
-  images = jnp.asarray(data.images[cid])
-  labels = jnp.asarray(data.labels[cid])
-  order = rounds.epoch_order(order_key, count, images.shape[0])
-  params = state.params
-  opt_state = opt.init(params)
-  for s in range(LOCAL_STEPS):
-    flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
-    x, y = rounds.client_batch(images, labels, order, count, s, BATCH,
-                               flip_key, random_flip=False)
-    _, grads = _grad_fn(params, x, y, loss_key)
-    updates, opt_state = opt.update(
-        grads, opt_state, params, global_params=state.params,
-        global_step=round_idx * LOCAL_STEPS + s)
-    params = optax.apply_updates(params, updates)
-  return params
-
-
-def reference_round(state, data, ids, upload_fn):
-  """A round as a Python loop; `upload_fn(cid, delta, key, params)` -> Δ̂."""
-  deltas, weights = [], []
-  for cid in ids:
-    client_key, key = upload_key(state, cid)
-    params = train_client(state, data, cid, client_key)
-    delta = jax.tree.map(jnp.subtract, params, state.params)
-    delta_hat = upload_fn(int(cid), delta, key, params)
-    deltas.append(jax.tree.map(lambda d: np.asarray(d, np.float64),
-                               delta_hat))
-    weights.append(int(data.counts[cid]))
-  w = np.asarray(weights, np.float64)
-  mean = jax.tree.map(lambda *ds: sum(a * d for a, d in zip(w, ds)) / w.sum(),
-                      *deltas)
-  updates, opt_state = SERVER_OPT.update(
-      jax.tree.map(lambda d: -jnp.asarray(d, jnp.float32), mean),
-      state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  r = int(state.round)
-  decay = min(EMA, (1 + r) / (10 + r))
-  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                     state.ema_params, params)
-  return state.replace(params=params, ema_params=ema, opt_state=opt_state,
-                       round=state.round + 1)
-
-
-def run(round_fn, state, data, mesh, rounds_ids=ROUND_IDS):
-  sharded = federation.shard_client_data(data, mesh)
+def run_each(algorithm, sharded, rounds_ids, state=None, donate=True):
+  """The rounds of `rounds_ids` with one round function; returns the host
+  copy of the state and metrics after every round, and the round function."""
+  round_fn = algorithm.make_round(donate=donate)
+  if state is None:
+    state = algorithm.initial_state(lib.init_params(), jax.random.PRNGKey(42))
   states, all_metrics = [], []
   for ids in rounds_ids:
-    state, metrics = round_fn(state, sharded,
-                              *federation.round_slots(ids, mesh.size))
+    state, metrics = round_fn(state, sharded, *federation.round_slots(
+        ids, algorithm.run.mesh.size, sharded.num_clients))
     states.append(jax.device_get(state))
     all_metrics.append(jax.device_get(metrics))
-  return states, all_metrics
+  return states, all_metrics, round_fn
 
 
 @pytest.mark.parametrize('bits,granularity,rounding,scale_method,mode,devices', [
@@ -148,11 +68,10 @@ def test_quantized_round_matches_python_loop(bits, granularity, rounding,
   cfg = Config(bits=bits, granularity=granularity, rounding=rounding,
                scale_method=scale_method)
   upload = upload_lib.quantizer(cfg)
-  data = make_data()
-  mesh, round_fn = make_round(devices, mode, upload)
+  data = lib.make_data()
+  algorithm, sharded = make_fedavg(data, devices, mode, upload)
   ids = ROUND_IDS[:1]
-  states, metrics = run(round_fn, start_state(upload, data, mesh), data, mesh,
-                        ids)
+  states, metrics, _ = run_each(algorithm, sharded, ids)
 
   def upload_fn(cid, delta, key, params):
     del cid, params
@@ -160,16 +79,19 @@ def test_quantized_round_matches_python_loop(bits, granularity, rounding,
     return q_lib.quantize_dequantize(
         delta, cfg, round_key if rounding == 'stochastic' else None)
 
-  ref = reference_round(init_state(), data, ids[0], upload_fn)
-  assert_trees_close(states[0].params, ref.params, rtol=1e-5, atol=1e-7)
-  assert_trees_close(states[0].ema_params, ref.ema_params, rtol=1e-5,
-                     atol=1e-7)
+  ref, _ = lib.fedavg_round(lib.reference_state(), data, ids[0],
+                            upload_fn=upload_fn)
+  lib.assert_trees_close(states[0].params, ref.params, rtol=1e-5, atol=1e-7)
+  lib.assert_trees_close(states[0].ema_params, ref.ema_params, rtol=1e-5,
+                         atol=1e-7)
   # Quantization changed the updates, by a relative error that shrinks with
   # more bits; padding slots report nothing.
   m = metrics[0]
   real = m['client_weights'] > 0
+  assert real.sum() == len(ids[0])
   rel = m['client_upload_errors'][real] / m['client_update_norms'][real]
   assert np.all(rel > 0) and np.all(rel < {8: 0.02, 4: 0.3, 2: 1.0}[bits])
+  # A stateless upload keeps no rows.
   assert states[-1].client_states == {}
 
 
@@ -177,16 +99,16 @@ def test_calibrated_round_matches_python_loop():
   cfg = Config(bits=4, granularity='per_channel', rounding='stochastic',
                scale_method='calibrated')
   upload = upload_lib.quantizer(cfg, CALIBRATION)
-  data = make_data()
-  mesh, round_fn = make_round(8, 'vmap', upload)
+  data = lib.make_data()
+  algorithm, sharded = make_fedavg(data, 8, 'vmap', upload)
   ids = ROUND_IDS[:1]
-  states, _ = run(round_fn, start_state(upload, data, mesh), data, mesh, ids)
+  states, _, _ = run_each(algorithm, sharded, ids)
   calibrated_differs = []
 
   @jax.jit
   def calibrate(delta, params, calib_key, labels, count):
     inputs = CALIBRATION.inputs(params, calib_key, labels, count)
-    scales = q_lib.calibrate_scales(delta, init_state().params,
+    scales = q_lib.calibrate_scales(delta, lib.init_params(),
                                     CALIBRATION.apply_fn, inputs, cfg)
     return scales, inputs.t
 
@@ -203,24 +125,28 @@ def test_calibrated_round_matches_python_loop():
                                               jax.tree.leaves(minmax))))
     return q_lib.quantize_dequantize(delta, cfg, round_key, scales=scales)
 
-  ref = reference_round(init_state(), data, ids[0], upload_fn)
-  assert_trees_close(states[0].params, ref.params, rtol=1e-5, atol=1e-7)
+  ref, _ = lib.fedavg_round(lib.reference_state(), data, ids[0],
+                            upload_fn=upload_fn)
+  lib.assert_trees_close(states[0].params, ref.params, rtol=1e-5, atol=1e-7)
   # The calibration chose other clipping ratios than minmax for some client.
+  assert len(calibrated_differs) == len(ids[0])
   assert any(calibrated_differs)
 
 
 def test_error_feedback_residuals_persist_and_only_real_clients_change():
   cfg = Config(bits=2, granularity='per_channel', rounding='stochastic')
   upload = upload_lib.error_feedback(upload_lib.quantizer(cfg))
-  data = make_data()
-  mesh, round_fn = make_round(8, 'vmap', upload)
-  state0 = start_state(upload, data, mesh)
-  assert state0.client_states['upload']['residual']['Conv_0']['kernel'].sharding.spec \
-      == jax.sharding.PartitionSpec(federation.CLIENTS)
+  data = lib.make_data()
+  algorithm, sharded = make_fedavg(data, 8, 'vmap', upload)
+  state0 = algorithm.initial_state(lib.init_params(), jax.random.PRNGKey(42))
+  assert set(state0.client_states) == {UPLOAD}
+  kernel = state0.client_states[UPLOAD]['residual']['Conv_0']['kernel']
+  assert kernel.shape[0] == data.num_clients
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(federation.CLIENTS)
   previous = jax.device_get(state0.client_states)  # state0 gets donated.
-  states, _ = run(round_fn, state0, data, mesh)
+  states, _, round_fn = run_each(algorithm, sharded, ROUND_IDS, state=state0)
   assert round_fn._cache_size() == 1
-  residuals = {cid: jax.tree.map(jnp.zeros_like, init_state().params)
+  residuals = {cid: jax.tree.map(jnp.zeros_like, lib.init_params())
                for cid in range(data.num_clients)}
 
   def upload_fn(cid, delta, key, params):
@@ -230,15 +156,15 @@ def test_error_feedback_residuals_persist_and_only_real_clients_change():
         delta, residuals[cid], cfg, round_key)
     return delta_hat
 
-  ref = init_state()
-  for r, (ids, state) in enumerate(zip(ROUND_IDS, states)):
-    ref = reference_round(ref, data, ids, upload_fn)
-    assert_trees_close(state.params, ref.params, rtol=1e-5, atol=1e-7)
+  ref = lib.reference_state()
+  for ids, state in zip(ROUND_IDS, states):
+    ref, _ = lib.fedavg_round(ref, data, ids, upload_fn=upload_fn)
+    lib.assert_trees_close(state.params, ref.params, rtol=1e-5, atol=1e-7)
     for cid in range(data.num_clients):
       row = jax.tree.map(lambda x, c=cid: x[c], state.client_states)
       if cid in ids:
-        assert_trees_close(row['upload']['residual'], residuals[cid], rtol=1e-4,
-                           atol=1e-7)
+        lib.assert_trees_close(row[UPLOAD]['residual'], residuals[cid],
+                               rtol=1e-4, atol=1e-7)
         assert any(np.any(x != 0) for x in jax.tree.leaves(row))
       else:
         # Bit for bit untouched, even client 0 of round 2, which the padding
@@ -248,25 +174,32 @@ def test_error_feedback_residuals_persist_and_only_real_clients_change():
           np.testing.assert_array_equal(a, b)
     previous = state.client_states
   assert 0 in ROUND_IDS[0] and 0 not in ROUND_IDS[1]
+  slot_ids, mask = federation.round_slots(ROUND_IDS[1], 8, sharded.num_clients)
+  assert 0 in slot_ids[mask == 0]
 
 
 def test_error_feedback_state_resumes_bit_for_bit(tmp_path):
   upload = upload_lib.error_feedback(upload_lib.quantizer(
       Config(bits=4, rounding='stochastic')))
-  data = make_data()
-  mesh, round_fn = make_round(8, 'vmap', upload, donate=False)
-  sharded = federation.shard_client_data(data, mesh)
-  slots = [federation.round_slots(ids, mesh.size) for ids in ROUND_IDS]
-  state = start_state(upload, data, mesh)
-  after_one, _ = round_fn(state, sharded, *slots[0])
+  data = lib.make_data()
+  algorithm, sharded = make_fedavg(data, 8, 'vmap', upload)
+  round_fn = algorithm.make_round(donate=False)
+  slots = [federation.round_slots(ids, 8, sharded.num_clients)
+           for ids in ROUND_IDS]
+  start = lambda: algorithm.initial_state(lib.init_params(),  # pylint: disable=g-long-lambda
+                                          jax.random.PRNGKey(42))
+  after_one, _ = round_fn(start(), sharded, *slots[0])
   straight, _ = round_fn(after_one, sharded, *slots[1])
 
   manager = workdir_lib.checkpoint_manager(str(tmp_path))
   workdir_lib.save_checkpoint(manager, 1, after_one)
-  like = start_state(upload, data, mesh)  # fresh zeros, placed.
+  like = start()  # fresh zeros, placed.
   restored, step = workdir_lib.restore_checkpoint(manager, like)
   manager.close()
   assert step == 1
+  # The residuals came back from disk, not from `like`'s zeros.
+  assert any(np.any(np.asarray(x) != 0) for x in
+             jax.tree.leaves(restored.client_states[UPLOAD]))
   resumed, _ = round_fn(restored, sharded, *slots[1])
   assert round_fn._cache_size() == 1
   leaves = jax.tree.leaves(straight)
@@ -276,19 +209,16 @@ def test_error_feedback_state_resumes_bit_for_bit(tmp_path):
 
 
 def test_prox_mu_zero_is_fedavg_bit_for_bit():
-  data = make_data()
-  cfg = ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=5e-2, momentum=0.9, warmup_steps=4,
-      grad_clip=1.0))
-  with_prox = optimizers.client_optimizer(cfg, extra=[proximal_lib.proximal(
-      0.0)])
-  mesh, plain_fn = make_round(8, 'vmap')
-  _, prox_fn = make_round(8, 'vmap', optimizer=with_prox)
-  plain, _ = run(plain_fn, start_state(None, data, mesh), data, mesh,
-                 ROUND_IDS[:1])
-  prox, _ = run(prox_fn, start_state(None, data, mesh), data, mesh,
-                ROUND_IDS[:1])
-  for a, b in zip(jax.tree.leaves(plain[-1]), jax.tree.leaves(prox[-1])):
+  data = lib.make_data()
+  with_prox = lib.client_opt(extra=[proximal_lib.proximal(0.0)])
+  plain_alg, sharded = make_fedavg(data, 8, 'vmap')
+  prox_alg, _ = make_fedavg(data, 8, 'vmap', optimizer=with_prox)
+  plain, _, _ = run_each(plain_alg, sharded, ROUND_IDS[:1])
+  prox, _, _ = run_each(prox_alg, sharded, ROUND_IDS[:1])
+  assert lib.tree_distance(plain[-1].params, lib.init_params()) > 1e-3
+  leaves = jax.tree.leaves(plain[-1])
+  assert len(leaves) == len(jax.tree.leaves(prox[-1]))
+  for a, b in zip(leaves, jax.tree.leaves(prox[-1])):
     np.testing.assert_array_equal(a, b)
 
 
@@ -296,7 +226,7 @@ def test_prox_mu_zero_is_fedavg_bit_for_bit():
                                       ('adam', (0.0, 30.0))])
 def test_larger_mu_gives_smaller_client_drift(name, mus):
   """Mean ‖θ_k − θ_global‖ over a round's clients decreases with μ."""
-  data = make_data()
+  data = lib.make_data()
   ids = ROUND_IDS[0]
   drifts = []
   for mu in mus:
@@ -304,24 +234,29 @@ def test_larger_mu_gives_smaller_client_drift(name, mus):
         name=name, learning_rate=5e-2 if name == 'sgd' else 1e-2,
         momentum=0.0, warmup_steps=0, grad_clip=0.0))
     extra = [proximal_lib.proximal(mu)] if mu else []
-    mesh, round_fn = make_round(
-        1, 'vmap', optimizer=optimizers.client_optimizer(cfg, extra=extra),
-        local_steps=8)
-    _, metrics = run(round_fn, start_state(None, data, mesh), data, mesh,
-                     [ids])
+    algorithm, sharded = make_fedavg(
+        data, 1, 'vmap',
+        optimizer=optimizers.client_optimizer(cfg, extra=extra),
+        **{'federation.local_steps': 8})
+    _, metrics, _ = run_each(algorithm, sharded, [ids])
     m = metrics[0]
-    drifts.append(float(np.mean(m['client_update_norms'][:len(ids)])))
+    real = m['client_weights'] > 0
+    assert real.sum() == len(ids)
+    drifts.append(float(np.mean(m['client_update_norms'][real])))
   assert all(a > b for a, b in zip(drifts, drifts[1:])), drifts
   assert drifts[-1] < 0.9 * drifts[0], drifts
 
 
 def test_client_states_must_match_the_upload():
   upload = upload_lib.error_feedback(upload_lib.quantizer(Config(bits=4)))
-  data = make_data()
-  mesh, round_fn = make_round(1, 'vmap', upload, donate=False)
-  ids, mask = federation.round_slots(ROUND_IDS[0], 1)
-  with pytest.raises(ValueError, match='init_client_states'):
-    round_fn(init_state(), data, ids, mask)
-  short = state_lib.init_client_states(upload, init_state().params, 4)
+  data = lib.make_data()
+  algorithm, sharded = make_fedavg(data, 1, 'vmap', upload)
+  round_fn = algorithm.make_round(donate=False)
+  ids, mask = federation.round_slots(ROUND_IDS[0], 1, sharded.num_clients)
+  bare = lib.reference_state()  # no client states at all.
+  with pytest.raises(ValueError, match='client_states does not match'):
+    round_fn(bare, sharded, ids, mask)
+  short = state_lib.init_client_states(algorithm.client_rows,
+                                       lib.init_params(), 4)
   with pytest.raises(ValueError, match='one row per client'):
-    round_fn(init_state().replace(client_states=short), data, ids, mask)
+    round_fn(bare.replace(client_states=short), sharded, ids, mask)

@@ -1,7 +1,8 @@
-"""The vectorized hierarchical round against a plain Python loop over clients
-and edges (FedPhD, arXiv 2507.06449)."""
+"""FedPhD's hierarchy on the engine against a plain Python loop over clients
+and edges (arXiv 2507.06449), built on the test library's client loop."""
 
-import flax.linen as nn
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,71 +10,58 @@ import numpy as np
 import optax
 import pytest
 
+import testlib as lib
+from fedjax_diff import algorithms
 from fedjax_diff import federation
-from fedjax_diff import hierarchy
-from fedjax_diff import optimizers
-from fedjax_diff import rounds
-from fedjax_diff.state import init_server_state
 from fedjax_diff.strategies import hierarchical
 
-LOCAL_STEPS = 2
-BATCH = 4
-EMA = 0.9
-NUM_CLASSES = 4
-SERVER_OPT = optax.sgd(1.0, momentum=0.9)
+NUM_CLASSES = lib.NUM_CLASSES
+NUM_CLIENTS = 10
+# The documented tag of the edge-selection stream (algorithms/fedphd.py):
+# client k of round r draws with fold_in(fold_in(fold_in(rng, TAG), r), k).
+SELECT_KEY_TAG = 0x65646765
+ROUND_IDS = [[0, 1, 2, 3, 5, 7], [1, 2, 4, 6, 8, 9], [0, 3, 4, 5, 8, 9],
+             [2, 3, 6, 7, 8, 9]]
 
 
-class TinyDenoiser(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Conv(4, (3, 3))(x))
-    return nn.Conv(x.shape[-1], (3, 3))(h)
+def client_classes(k):
+  """Client k holds 1 or 2 of the 4 classes."""
+  return [k % NUM_CLASSES, (k // 2) % NUM_CLASSES][:1 + k % 2]
 
 
-MODEL = TinyDenoiser()
+def make_data():
+  return lib.make_data(NUM_CLIENTS, classes=client_classes)
 
 
-def loss_fn(params, x, labels, rng):
-  noise = jax.random.normal(rng, x.shape)
-  pred = MODEL.apply({'params': params}, x + 0.5 * noise)
-  scale = 1.0 + 0.1 * labels.astype(jnp.float32)[:, None, None, None]
-  return jnp.mean(scale * (pred - noise) ** 2)
-
-
-def make_data(num_clients=10, seed=0):
-  """Clients with 1 or 2 of 4 classes and 3..12 examples."""
-  rng = np.random.default_rng(seed)
-  counts = rng.integers(3, 13, size=num_clients)
-  images, labels = [], []
-  for k, n in enumerate(counts):
-    classes = [k % NUM_CLASSES, (k // 2) % NUM_CLASSES][:1 + k % 2]
-    labels.append(rng.choice(classes, size=n).astype(np.int32))
-    images.append(rng.integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8))
-  bounds = np.cumsum(counts)[:-1]
-  parts = np.split(np.arange(counts.sum()), bounds)
-  return federation.stack_clients(np.concatenate(images),
-                                  np.concatenate(labels), parts)
-
-
-def client_opt():
-  return optimizers.client_optimizer(ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=5e-2, momentum=0.9, warmup_steps=3,
-      grad_clip=1.0)))
-
-
-def init_state(num_edges):
-  params = MODEL.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)))['params']
-  return init_server_state(
-      params, SERVER_OPT, jax.random.PRNGKey(42),
-      edges=hierarchical.init_edge_state(params, num_edges, NUM_CLASSES))
-
-
-def make_config(**kw):
+def hierarchy(**kw):
   base = dict(num_edges=3, cloud_every=2, agg_a=5.0, agg_b=-1.0,
               selection='greedy', select_scale=20.0, final_cloud=False)
   base.update(kw)
-  return hierarchical.HierarchyConfig(**base)
+  return ml_collections.ConfigDict(base)
+
+
+def make_fedphd(data, num_devices=1, mode='map', chunk_size=None, **kw):
+  """(algorithm, sharded data): FedPhD with `hierarchy(**kw)` under test."""
+  return lib.make_algorithm(
+      data, num_devices, name='fedphd',
+      **{'hierarchy': hierarchy(**kw), 'federation.mode': mode,
+         'federation.chunk_size': chunk_size or 0,
+         'federation.num_clients': NUM_CLIENTS})
+
+
+def slots(ids, algorithm, sharded):
+  return federation.round_slots(np.asarray(ids), algorithm.run.mesh.size,
+                                sharded.num_clients)
+
+
+def client_edges(metrics, ids, algorithm, sharded):
+  """The round's edge of each of its clients `ids`, from the per-slot
+  metrics (slots are laid out by device, padding in between)."""
+  slot_ids, mask = slots(ids, algorithm, sharded)
+  edges = dict(zip(slot_ids[mask > 0].tolist(),
+                   np.asarray(metrics['client_edges'])[mask > 0].tolist()))
+  assert sorted(edges) == sorted(ids)
+  return [edges[cid] for cid in ids]
 
 
 # --- The reference: FedPhD's loops, written out with numpy. ---
@@ -87,48 +75,41 @@ def merge(dist, count, q, n):
   return [(dist[c] * count + q[c] * n) / (count + n) for c in range(len(q))]
 
 
-def train_client(global_params, data, cid, round_key, round_idx):
-  opt = client_opt()
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-  key = jax.random.fold_in(round_key, int(cid))
-  order_key, train_key = jax.random.split(key)
-  count = int(data.counts[cid])
-  images = jnp.asarray(data.images[cid])
-  labels = jnp.asarray(data.labels[cid])
-  order = rounds.epoch_order(order_key, count, images.shape[0])
-  params, opt_state = global_params, opt.init(global_params)
-  losses = []
-  for s in range(LOCAL_STEPS):
-    flip_key, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
-    x, y = rounds.client_batch(images, labels, order, count, s, BATCH,
-                               flip_key, random_flip=False)
-    loss, grads = grad_fn(params, x, y, loss_key)
-    updates, opt_state = opt.update(grads, opt_state, params,
-                                    global_params=global_params,
-                                    global_step=round_idx * LOCAL_STEPS + s)
-    params = optax.apply_updates(params, updates)
-    losses.append(float(loss))
-  return params, np.mean(losses)
+def ema_only(state):
+  """A round without the cloud: θ and the server optimizer stay, the EMA
+  moves towards θ with its documented warmup."""
+  r = int(state.round)
+  decay = min(lib.EMA, (1 + r) / (10 + r))
+  return state.replace(
+      ema_params=jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                              state.ema_params, state.params),
+      round=state.round + 1)
 
 
-def reference_run(data, rounds_ids, cfg, drawn_edges=None):
-  """Rounds of FedPhD as loops over clients and edges.
+def draw_edge(rng, r, cid, dist, samples, q, n, cfg):
+  """FedPhD's draw (eq. 3) of client `cid` in round `r` with the documented
+  selection key, against the start-of-round Q, N."""
+  scores = np.array([max(cfg.select_scale * sh(merge(dist[e], samples[e], q,
+                                                     n)) - samples[e], 0.0) +
+                     1e-8 for e in range(cfg.num_edges)], np.float64)
+  key = jax.random.fold_in(jax.random.fold_in(
+      jax.random.fold_in(rng, SELECT_KEY_TAG), r), cid)
+  return int(jax.random.choice(key, cfg.num_edges,
+                               p=np.asarray(scores / scores.sum(),
+                                            np.float32)))
 
-  With cfg.selection == 'greedy' the reference chooses edges itself;
-  otherwise it takes the edges `drawn_edges[r]` the round drew.
-  """
-  state = init_state(cfg.num_edges)
-  params = jax.tree.map(np.asarray, state.params)
-  ema = params
-  opt_state = state.opt_state
+
+def reference_run(data, rounds_ids, cfg):
+  """Rounds of FedPhD as loops over clients and edges; clients train with
+  `testlib.train_client` from their edge's model."""
+  state = lib.reference_state()
   num_e = cfg.num_edges
-  edge_models = [params] * num_e
+  edge_models = [jax.tree.map(np.asarray, state.params)] * num_e
   edge_n = [1.0] * num_e
   dist = [[1.0 / NUM_CLASSES] * NUM_CLASSES for _ in range(num_e)]
   samples = [0.0] * num_e
   edges_log = []
   for r, ids in enumerate(rounds_ids):
-    round_key = jax.random.fold_in(state.rng, r)
     qs, ns = [], []
     for cid in ids:
       n = int(data.counts[cid])
@@ -147,13 +128,16 @@ def reference_run(data, rounds_ids, cfg, drawn_edges=None):
         c[e] += n
         chosen.append(e)
     else:
-      chosen = [int(e) for e in drawn_edges[r][:len(ids)]]
+      assert cfg.selection == 'fedphd'
+      chosen = [draw_edge(state.rng, r, cid, dist, samples, q, n, cfg)
+                for cid, q, n in zip(ids, qs, ns)]
     edges_log.append(chosen)
     # Clients train from their edge's model; edges average them.
     locals_ = [[] for _ in range(num_e)]
     for cid, e, q, n in zip(ids, chosen, qs, ns):
-      p, _ = train_client(jax.tree.map(jnp.asarray, edge_models[e]), data,
-                          cid, round_key, r)
+      p, _, _ = lib.train_client(
+          jax.tree.map(jnp.asarray, edge_models[e]), data.images[cid],
+          data.labels[cid], n, lib.client_key(state.rng, r, cid), r)
       locals_[e].append((n, jax.tree.map(np.asarray, p)))
       dist[e] = merge(dist[e], samples[e], q, n)
       samples[e] += n
@@ -174,53 +158,35 @@ def reference_run(data, rounds_ids, cfg, drawn_edges=None):
       w = [x / sum(raw) for x in raw]
       mean = jax.tree.map(lambda *ps: sum(
           wi * p.astype(np.float64) for wi, p in zip(w, ps)), *edge_models)
-      grad = jax.tree.map(lambda p, m: jnp.asarray(p - m, jnp.float32),
-                          params, mean)
-      updates, opt_state = SERVER_OPT.update(grad, opt_state, params)
-      params = jax.tree.map(np.asarray, optax.apply_updates(params, updates))
-      edge_models = [params] * num_e
+      grad = jax.tree.map(lambda p, m: np.asarray(p, np.float64) - m,
+                          state.params, mean)
+      state = lib.server_step(state, grad)
+      edge_models = [jax.tree.map(np.asarray, state.params)] * num_e
       dist = [[1.0 / NUM_CLASSES] * NUM_CLASSES for _ in range(num_e)]
       samples = [0.0] * num_e
-    decay = min(EMA, (1 + r) / (10 + r))
-    ema = jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, ema, params)
-  return dict(params=params, ema=ema, edge_models=edge_models,
-              edge_n=edge_n, dist=dist, samples=samples, edges=edges_log)
-
-
-def run(data, rounds_ids, cfg, num_devices=1, mode='map', chunk_size=None):
-  mesh = federation.client_mesh(jax.devices()[:num_devices])
-  round_fn = hierarchy.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, hierarchy=cfg, num_classes=NUM_CLASSES, mode=mode,
-      chunk_size=chunk_size, ema_decay=EMA)
-  sharded = federation.shard_client_data(data, mesh)
-  state = federation.replicate(init_state(cfg.num_edges), mesh)
-  all_metrics = []
-  for ids in rounds_ids:
-    slot_ids, mask = federation.round_slots(np.asarray(ids, np.int32),
-                                            num_devices)
-    state, metrics = round_fn(state, sharded, slot_ids, mask)
-    all_metrics.append(jax.tree.map(np.asarray, metrics))
-  return state, all_metrics, round_fn
-
-
-def assert_trees_close(a, b, rtol=2e-4, atol=2e-6):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
-
-
-ROUND_IDS = [[0, 1, 2, 3, 5, 7], [1, 2, 4, 6, 8, 9], [0, 3, 4, 5, 8, 9],
-             [2, 3, 6, 7, 8, 9]]
+    else:
+      state = ema_only(state)
+  return dict(params=state.params, ema=state.ema_params,
+              edge_models=edge_models, edge_n=edge_n, dist=dist,
+              samples=samples, edges=edges_log)
 
 
 @pytest.fixture(scope='module')
 def greedy_reference():
   data = make_data()
-  return data, reference_run(data, ROUND_IDS[:3], make_config())
+  cfg = hierarchical.config_from(ml_collections.ConfigDict(
+      dict(hierarchy=hierarchy())))
+  return data, reference_run(data, ROUND_IDS[:3], cfg)
+
+
+def test_data_has_the_class_sets():
+  """Client k's labels come from its 1 or 2 classes (as the edges' Q, N and
+  the selection below rely on)."""
+  data = make_data()
+  assert data.num_clients == NUM_CLIENTS
+  for k in range(NUM_CLIENTS):
+    n = int(data.counts[k])
+    assert set(data.labels[k][:n].tolist()) <= set(client_classes(k))
 
 
 @pytest.mark.parametrize('mode,num_devices,chunk_size', [
@@ -230,75 +196,76 @@ def test_round_matches_python_loop(greedy_reference, mode, num_devices,
   """Three rounds, 3 edges, cloud at rounds 0 and 2 (k = 2), greedy
   selection: every model, statistic and assignment as the loops say."""
   data, ref = greedy_reference
-  cfg = make_config()
-  state, metrics, round_fn = run(data, ROUND_IDS[:3], cfg, num_devices, mode,
-                                 chunk_size)
-  assert [m['cloud'] for m in metrics] == [1.0, 0.0, 1.0]
-  for m, want in zip(metrics, ref['edges']):
-    np.testing.assert_array_equal(m['client_edges'][:len(want)], want)
+  algorithm, sharded = make_fedphd(data, num_devices, mode, chunk_size)
+  state, metrics, round_fn = lib.run_rounds(algorithm, sharded, ROUND_IDS[:3])
+  assert [float(m['cloud']) for m in metrics] == [1.0, 0.0, 1.0]
+  for m, ids, want in zip(metrics, ROUND_IDS, ref['edges']):
+    assert client_edges(m, ids, algorithm, sharded) == want
   # The assignments spread over the edges and the model moved.
   assert len({e for es in ref['edges'] for e in es}) == 3
-  moved = sum(float(np.abs(np.asarray(p) - np.asarray(q)).sum()) for p, q in
-              zip(jax.tree.leaves(state.params),
-                  jax.tree.leaves(init_state(3).params)))
-  assert moved > 1e-3
-  assert_trees_close(state.params, ref['params'])
-  assert_trees_close(state.ema_params, ref['ema'])
+  assert lib.tree_distance(state.params, lib.init_params()) > 1e-3
+  lib.assert_trees_close(state.params, ref['params'])
+  lib.assert_trees_close(state.ema_params, ref['ema'])
+  edges = state.algorithm
+  assert isinstance(edges, hierarchical.EdgeState)
   for e in range(3):
-    assert_trees_close(jax.tree.map(lambda p: p[e], state.edges.params),
-                       ref['edge_models'][e])
-  np.testing.assert_allclose(state.edges.counts, ref['edge_n'])
-  np.testing.assert_allclose(state.edges.label_dist, ref['dist'], rtol=1e-6)
-  np.testing.assert_allclose(state.edges.samples, ref['samples'])
+    lib.assert_trees_close(jax.tree.map(lambda p, e=e: p[e], edges.params),
+                           ref['edge_models'][e])
+  np.testing.assert_allclose(edges.counts, ref['edge_n'])
+  np.testing.assert_allclose(edges.label_dist, ref['dist'], rtol=1e-6)
+  np.testing.assert_allclose(edges.samples, ref['samples'])
   assert round_fn._cache_size() == 1
 
 
 def test_fedphd_selection_round_matches_python_loop():
-  """FedPhD's random selection on 8 devices (vmap): the loops take the
-  round's draws and get the same models."""
+  """FedPhD's random selection on 8 devices (vmap): the loops draw the same
+  edges with the documented selection key and get the same models."""
   data = make_data()
-  cfg = make_config(selection='fedphd', cloud_every=2, num_edges=2)
+  algorithm, sharded = make_fedphd(data, 8, 'vmap', selection='fedphd',
+                                   cloud_every=2, num_edges=2)
   ids = ROUND_IDS[:3]
-  state, metrics, _ = run(data, ids, cfg, num_devices=8, mode='vmap')
-  drawn = [m['client_edges'] for m in metrics]
+  state, metrics, _ = lib.run_rounds(algorithm, sharded, ids)
+  drawn = [client_edges(m, r_ids, algorithm, sharded)
+           for m, r_ids in zip(metrics, ids)]
   # Both edges are drawn (the comparison covers more than one edge).
-  assert len({int(e) for d in drawn for e in d[:6]}) == 2
-  ref = reference_run(data, ids, cfg, drawn_edges=drawn)
-  assert_trees_close(state.params, ref['params'])
+  assert len({e for d in drawn for e in d}) == 2
+  ref = reference_run(data, ids, algorithm.hierarchy)
+  assert ref['edges'] == drawn
+  lib.assert_trees_close(state.params, ref['params'])
   for e in range(2):
-    assert_trees_close(jax.tree.map(lambda p: p[e], state.edges.params),
-                       ref['edge_models'][e])
-  np.testing.assert_allclose(state.edges.label_dist, ref['dist'], rtol=1e-6)
+    lib.assert_trees_close(
+        jax.tree.map(lambda p, e=e: p[e], state.algorithm.params),
+        ref['edge_models'][e])
+  np.testing.assert_allclose(state.algorithm.label_dist, ref['dist'],
+                             rtol=1e-6)
 
 
 def test_edge_without_clients_keeps_its_model():
   """4 edges, 2 clients per round: in a round without the cloud, the edges
   no client chose keep their model and n_e exactly."""
   data = make_data()
-  cfg = make_config(num_edges=4, cloud_every=10)
-  mesh = federation.client_mesh(jax.devices()[:1])
-  round_fn = hierarchy.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=LOCAL_STEPS,
-      batch_size=BATCH, hierarchy=cfg, num_classes=NUM_CLASSES, mode='map',
-      donate=False)
-  state = init_state(4)
-  state, _ = round_fn(state, data, np.array([0, 1], np.int32),
-                      np.ones(2, np.float32))  # round 0: cloud.
+  algorithm, sharded = make_fedphd(data, 1, 'map', num_edges=4,
+                                   cloud_every=10)
+  round_fn = algorithm.make_round(donate=False)
+  state = algorithm.initial_state(lib.init_params(), jax.random.PRNGKey(42))
+  state, _ = round_fn(state, sharded,
+                      *slots([0, 1], algorithm, sharded))  # round 0: cloud.
   before = state
-  after, metrics = round_fn(state, data, np.array([2, 3], np.int32),
-                            np.ones(2, np.float32))
+  after, metrics = round_fn(state, sharded,
+                            *slots([2, 3], algorithm, sharded))
   assert float(metrics['cloud']) == 0.0
-  used = set(np.asarray(metrics['client_edges']).tolist())
+  used = set(client_edges(metrics, [2, 3], algorithm, sharded))
   unused = sorted(set(range(4)) - used)
   assert unused and used
   for e in range(4):
-    b = jax.tree.leaves(jax.tree.map(lambda p: p[e], before.edges.params))
-    a = jax.tree.leaves(jax.tree.map(lambda p: p[e], after.edges.params))
+    b = jax.tree.leaves(jax.tree.map(lambda p, e=e: p[e],
+                                     before.algorithm.params))
+    a = jax.tree.leaves(jax.tree.map(lambda p, e=e: p[e],
+                                     after.algorithm.params))
     same = all(np.array_equal(x, y) for x, y in zip(a, b))
     assert same == (e in unused)
-  np.testing.assert_array_equal(np.asarray(after.edges.counts)[unused],
-                                np.asarray(before.edges.counts)[unused])
+  np.testing.assert_array_equal(np.asarray(after.algorithm.counts)[unused],
+                                np.asarray(before.algorithm.counts)[unused])
   # No cloud: the global model and the server optimizer did not move.
   for x, y in zip(jax.tree.leaves((after.params, after.opt_state)),
                   jax.tree.leaves((before.params, before.opt_state))):
@@ -310,69 +277,64 @@ def test_cloud_rounds_and_weights():
   sgd(1.0) the new global model is Σ w_e θ_e with eq. (5)'s weights, and
   every edge is reset to it."""
   data = make_data()
-  cfg = make_config(num_edges=2, cloud_every=2, agg_a=3.0, agg_b=0.5,
-                    final_cloud=True)
-  mesh = federation.client_mesh(jax.devices()[:1])
-  sgd = optax.sgd(1.0)
-  round_fn = hierarchy.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(), server_optimizer=sgd,
-      mesh=mesh, local_steps=LOCAL_STEPS, batch_size=BATCH, hierarchy=cfg,
-      num_classes=NUM_CLASSES, num_rounds=4, mode='map', donate=False)
-  params = MODEL.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)))['params']
-  state = init_server_state(
-      params, sgd, jax.random.PRNGKey(0),
-      edges=hierarchical.init_edge_state(params, 2, NUM_CLASSES))
+  built, sharded = make_fedphd(data, 1, 'map', num_edges=2, cloud_every=2,
+                               agg_a=3.0, agg_b=0.5, final_cloud=True)
+  assert built.num_rounds == 4
+  algorithm = algorithms.build('fedphd', dataclasses.replace(
+      built.run, server_optimizer=optax.sgd(1.0)))
+  round_fn = algorithm.make_round(donate=False)
+  state = algorithm.initial_state(lib.init_params(), jax.random.PRNGKey(0))
   clouds = []
-  for r, ids in enumerate(ROUND_IDS):
+  for ids in ROUND_IDS:
     prev = state
-    state, m = round_fn(state, data, np.asarray(ids, np.int32),
-                        np.ones(len(ids), np.float32))
+    slot_ids, mask = slots(ids, algorithm, sharded)
+    state, m = round_fn(state, sharded, slot_ids, mask)
     clouds.append(float(m['cloud']))
     if not m['cloud']:
       continue
-    # Recompute the edges' pre-reset models from the round's own records:
-    # the edge models before the round plus the clients' mean update.
+    # Recompute the edges' statistics from the round's own records: the
+    # edges' Q, N before the round plus the round's clients.
     edges = np.asarray(m['client_edges'])
     n = np.asarray(m['client_weights'], np.float64)
-    counts = np.where(m['edge_weights'] > 0, m['edge_weights'],
-                      prev.edges.counts)
+    pe = prev.algorithm
+    counts = np.where(m['edge_weights'] > 0, m['edge_weights'], pe.counts)
     q = np.stack([np.bincount(data.labels[c][:data.counts[c]],
                               minlength=NUM_CLASSES) / data.counts[c]
-                  for c in ids])
+                  for c in slot_ids])
     dist = []
     for e in range(2):
-      sel = edges == e
-      tot = prev.edges.samples[e] + n[sel].sum()
-      dist.append((prev.edges.label_dist[e] * prev.edges.samples[e] +
+      sel = (edges == e) & (mask > 0)
+      tot = pe.samples[e] + n[sel].sum()
+      dist.append((pe.label_dist[e] * pe.samples[e] +
                    (q[sel] * n[sel, None]).sum(0)) / tot if n[sel].sum() else
-                  prev.edges.label_dist[e])
+                  pe.label_dist[e])
     raw = [max(counts[e] + 3.0 * sh(dist[e]) + 0.5, 0) for e in range(2)]
     np.testing.assert_allclose(m['cloud_weights'],
                                np.array(raw) / sum(raw), rtol=1e-5)
     for e in range(2):
-      assert_trees_close(jax.tree.map(lambda p: p[e], state.edges.params),
-                         state.params, rtol=0, atol=0)
-    np.testing.assert_array_equal(state.edges.samples, 0)
-    np.testing.assert_allclose(state.edges.label_dist, 1 / NUM_CLASSES)
+      lib.assert_trees_close(
+          jax.tree.map(lambda p, e=e: p[e], state.algorithm.params),
+          state.params, rtol=0, atol=0)
+    np.testing.assert_array_equal(state.algorithm.samples, 0)
+    np.testing.assert_allclose(state.algorithm.label_dist, 1 / NUM_CLASSES)
   assert clouds == [1.0, 0.0, 1.0, 1.0]  # rounds 0, 2 and the last, 3.
 
 
 def test_missing_edges_error():
   data = make_data()
-  mesh = federation.client_mesh(jax.devices()[:1])
-  round_fn = hierarchy.make_round_fn(
-      loss_fn=loss_fn, client_optimizer=client_opt(),
-      server_optimizer=SERVER_OPT, mesh=mesh, local_steps=1,
-      batch_size=BATCH, hierarchy=make_config(), num_classes=NUM_CLASSES,
-      mode='map', donate=False)
-  params = MODEL.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)))['params']
-  flat = init_server_state(params, SERVER_OPT, jax.random.PRNGKey(0))
+  algorithm, sharded = make_fedphd(data, 1, 'map')
+  round_fn = algorithm.make_round(donate=False)
+  flat = lib.reference_state()  # no edges: state.algorithm == {}.
+  ids, mask = slots([0], algorithm, sharded)
   with pytest.raises(ValueError, match='init_edge_state'):
-    round_fn(flat, data, np.array([0], np.int32), np.ones(1, np.float32))
-  wrong = flat.replace(edges=hierarchical.init_edge_state(params, 2,
-                                                          NUM_CLASSES))
+    round_fn(flat, sharded, ids, mask)
+  wrong = flat.replace(algorithm=hierarchical.init_edge_state(
+      lib.init_params(), 2, NUM_CLASSES))
   with pytest.raises(ValueError, match='3 edges'):
-    round_fn(wrong, data, np.array([0], np.int32), np.ones(1, np.float32))
+    round_fn(wrong, sharded, ids, mask)
+  # FedPhD without a hierarchy block is refused when built.
+  with pytest.raises(ValueError, match='config.hierarchy'):
+    lib.make_algorithm(data, 1, name='fedphd')
 
 
 def test_trainer_hierarchy_bytes_and_resume(tmp_path):
@@ -392,13 +354,15 @@ def test_trainer_hierarchy_bytes_and_resume(tmp_path):
   config.model.ch_mult = (1,)
   config.model.attn_resolutions = ()
   config.federation.local_steps = 1
+  config.algorithm = 'fedphd'
   config.hierarchy = mnist_fedphd.hierarchy_block(agg_a=100, select_scale=40)
   config.hierarchy.cloud_every = 2
   config.evaluators = ml_collections.ConfigDict()
   workdir = str(tmp_path / 'hier')
   state = trainer.train_and_evaluate(config, workdir)
   assert int(state.round) == 3
-  assert jax.tree.leaves(state.edges.params)[0].shape[0] == 2
+  assert isinstance(state.algorithm, hierarchical.EdgeState)
+  assert jax.tree.leaves(state.algorithm.params)[0].shape[0] == 2
   param_bytes = sum(p.size * 4 for p in jax.tree.leaves(state.params))
   rows = workdir_lib.read_metrics(workdir)
   assert [r['cloud'] for r in rows] == [1, 0, 1]
@@ -416,8 +380,8 @@ def test_trainer_hierarchy_bytes_and_resume(tmp_path):
   # After the final cloud round every edge holds the global model.
   for e in range(2):
     for a, b in zip(jax.tree.leaves(state.params),
-                    jax.tree.leaves(jax.tree.map(lambda p: p[e],
-                                                 state.edges.params))):
+                    jax.tree.leaves(jax.tree.map(lambda p, e=e: p[e],
+                                                 state.algorithm.params))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   resumed_dir = str(tmp_path / 'resumed')
@@ -431,7 +395,8 @@ def test_trainer_hierarchy_bytes_and_resume(tmp_path):
 
 
 def test_fedphd_configs():
-  """FedPhD's settings, and variants that differ only in their blocks."""
+  """FedPhD's settings, and variants that differ only in their blocks and
+  the algorithm they name."""
   from configs import celeba_fedphd  # pylint: disable=g-import-not-at-top
   from configs import cifar10_fedphd  # pylint: disable=g-import-not-at-top
   from configs import mnist_fedphd  # pylint: disable=g-import-not-at-top
@@ -451,12 +416,22 @@ def test_fedphd_configs():
   assert tuple(celeba.data.attribute_labels) == ('Male', 'Young')
   for module in (mnist_fedphd, cifar10_fedphd, celeba_fedphd):
     both = module.get_config()
+    assert both.algorithm == 'fedphd'
     assert hierarchical.config_from(both).selection == 'fedphd'
-    assert hierarchical.config_from(module.get_config('pruning')) is None
-    assert module.get_config('hierarchy').pruning is None
+    pruning = module.get_config('pruning')
+    assert pruning.algorithm == 'fedavg'
+    assert hierarchical.config_from(pruning) is None
+    assert pruning.pruning == both.pruning
+    hier = module.get_config('hierarchy')
+    assert hier.algorithm == 'fedphd' and hier.pruning is None
+    assert hierarchical.config_from(hier) == hierarchical.config_from(both)
     flat = module.get_config('fedavg')
+    assert flat.algorithm == 'fedavg'
     assert flat.hierarchy is None and flat.pruning is None
-    rest = {k for k in both.keys() if k not in ('hierarchy', 'pruning')}
+    rest = {k for k in both.keys()
+            if k not in ('hierarchy', 'pruning', 'algorithm')}
+    assert rest == {k for k in flat.keys()
+                    if k not in ('hierarchy', 'pruning', 'algorithm')}
     for k in rest:
       assert both[k] == flat[k], k
   with pytest.raises(ValueError, match='variant'):
