@@ -10,9 +10,9 @@ import pytest
 from configs import mnist_fedddpm
 from configs import test as test_config
 from fedjax_diff import comm
-from fedjax_diff import local_training
 from fedjax_diff import trainer
 from fedjax_diff import workdir as workdir_lib
+from fedjax_diff.algorithms import fedddpm
 
 
 def _config(num_rounds):
@@ -22,6 +22,7 @@ def _config(num_rounds):
   config.model.num_classes = 10
   config.diffusion.cond_drop_prob = 0.1
   config.evaluators = {}
+  config.algorithm = 'fedddpm'
   # Window 1 and a threshold no improvement reaches: the trigger fires at
   # round 2 (the first with 2 values). One-shot: never again, unless a resumed
   # run forgot that it fired (it would fire again at round 4).
@@ -67,7 +68,7 @@ def test_resume_skips_phase1_and_keeps_the_trigger_state(first_run,
   def refuse(**kwargs):
     raise AssertionError('phase 1 ran again on resume')
 
-  monkeypatch.setattr(local_training, 'make_pretrain_fn', refuse)
+  monkeypatch.setattr(fedddpm, 'make_phase1', refuse)
   state = trainer.train_and_evaluate(_config(4), workdir)
   assert int(state.round) == 4
   rows = workdir_lib.read_metrics(workdir)
