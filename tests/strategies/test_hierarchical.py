@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+from fedjax_diff import engine
+from fedjax_diff import federation
 from fedjax_diff.strategies import hierarchical
 
 
@@ -167,13 +170,37 @@ def test_label_distributions_ignore_padding():
                                  [0, 0, 0, 0]], rtol=1e-6)
 
 
-def test_accumulate_edge_sums_drops_padding():
+def test_edge_sums_drop_padding():
+  """The edges' aggregator: Σ_{k→e} w_k Δ_k and Σ_{k→e} w_k per edge, the
+  padding client (weight 0, non-finite Δ) adding exactly 0; folded in one
+  chunk or two, then reduced by `finalize` inside a 1-device shard_map."""
+  agg = hierarchical.edge_sums(3)
+  np.testing.assert_allclose(agg.weight(jnp.int32(7)), 7.0)  # by examples
   deltas = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0], [jnp.nan, jnp.inf]])}
-  acc = ({'w': jnp.zeros((3, 2))}, jnp.zeros(3))
-  sums, totals = hierarchical.accumulate_edge_sums(
-      acc, deltas, jnp.array([2.0, 1.0, 0.0]), jnp.array([2, 2, 0]))
-  np.testing.assert_allclose(sums['w'], [[0, 0], [0, 0], [5, 8]])
-  np.testing.assert_allclose(totals, [0, 0, 3])
+  edges = jnp.array([2, 2, 0])
+  weights = jnp.array([2.0, 1.0, 0.0])
+  one = jax.eval_shape(lambda: (jax.tree.map(lambda d: d[0], deltas),
+                                edges[0]))
+  mesh = federation.client_mesh(jax.devices()[:1])
+
+  def device(deltas, edges, weights, key):
+    acc = engine.as_varying(agg.init(one))
+    in_one = agg.accumulate(acc, (deltas, edges), weights)
+    in_two = acc
+    for part in (slice(0, 2), slice(2, 3)):
+      in_two = agg.accumulate(
+          in_two, jax.tree.map(lambda x: x[part], (deltas, edges)),
+          weights[part])
+    return (agg.finalize(in_one, federation.CLIENTS, key),
+            agg.finalize(in_two, federation.CLIENTS, key))
+
+  clients = P(federation.CLIENTS)
+  run = jax.jit(jax.shard_map(device, mesh=mesh,
+                              in_specs=(clients, clients, clients, P()),
+                              out_specs=(P(), P())))
+  for sums, totals in run(deltas, edges, weights, jax.random.PRNGKey(0)):
+    np.testing.assert_allclose(sums['w'], [[0, 0], [0, 0], [5, 8]])
+    np.testing.assert_allclose(totals, [0, 0, 3])
 
 
 def test_config_from_and_errors():
