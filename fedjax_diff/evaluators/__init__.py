@@ -4,10 +4,11 @@
 config; adding an evaluator is adding a module that defines `Evaluator`.
 """
 
-import importlib
+import sys
 
 import ml_collections
 
+from fedjax_diff import components
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import Evaluator
 from fedjax_diff.evaluators.base import is_due
@@ -16,19 +17,11 @@ from fedjax_diff.evaluators.base import is_due
 def build_evaluators(cfg: ml_collections.ConfigDict,
                      ctx: EvalContext) -> dict[str, Evaluator]:
   """Builds every evaluator named in `cfg` (a mapping name → its config)."""
-  out = {}
-  for name, entry in (cfg or {}).items():
-    try:
-      module = importlib.import_module(f'fedjax_diff.evaluators.{name}')
-    except ModuleNotFoundError as e:
-      if e.name != f'fedjax_diff.evaluators.{name}':
-        raise
-      raise ValueError(
-          f'config.evaluators.{name}: no module fedjax_diff/evaluators/'
-          f'{name}.py. Each key of config.evaluators names an evaluator '
-          'module that defines `Evaluator`.') from None
-    out[name] = module.Evaluator(entry, ctx)
-  return out
+  package = sys.modules[__name__]
+  return {name: components.resolve(package, name, 'Evaluator',
+                                    f'config.evaluators.{name}',
+                                    exclude=('base',))(entry, ctx)
+          for name, entry in (cfg or {}).items()}
 
 
 __all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'is_due']
