@@ -1,5 +1,6 @@
-"""config.pruning (FedPhD's structured pruning in a run): the trainer hook
-`pruning_schedule.prepare` and the group lasso of `config.group_lasso`."""
+"""config.pruning (FedPhD's structured pruning in a run): the trainer's
+`pruning_schedule.sparse_stage` and `prepare`, and the group lasso of
+`config.group_lasso`."""
 
 import json
 import os
@@ -41,7 +42,7 @@ def _params(model, seed):
       lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-def _prepare(config, workdir, params, **kw):
+def _prepare(config, workdir, params):
   model = models.unet_from_config(config.model)
   schedule = make_schedule('linear', 100)
   images = np.random.default_rng(0).integers(0, 256, (16, *IMAGE), np.uint8)
@@ -49,7 +50,7 @@ def _prepare(config, workdir, params, **kw):
       config, workdir, model, params, image_shape=IMAGE,
       loss_fn_for=lambda m: trainer.make_loss_fn(models.make_eps_fn(m),
                                                  schedule, config),
-      images=images, labels=None, seed=0, log=lambda msg: None, **kw)
+      images=images, labels=None, seed=0, log=lambda msg: None)
 
 
 def test_config_errors():
@@ -106,27 +107,50 @@ def test_before_prunes_and_compacts_the_initial_unet(tmp_path):
                                                         small_params)
 
 
-def test_after_sparse_prunes_the_sparse_stage_model_by_taylor(tmp_path):
+def test_sparse_stage_config():
+  config = _config(ratio=0.5, importance='taylor', schedule='after_sparse',
+                   sparse_rounds=3, lasso=1e-3)
+  before = config.to_json()
+  stage = pruning_schedule.sparse_stage(config)
+  assert stage.pruning is None
+  assert stage.group_lasso == 1e-3
+  assert stage.num_rounds == 3
+  assert stage.checkpoint_every == 3
+  assert not stage.evaluators
+  # Everything else is the run's own config, which stays as it was.
+  assert stage.model == config.model and stage.seed == config.seed
+  assert config.to_json() == before
+  # No first stage without pruning or with schedule='before'.
+  assert pruning_schedule.sparse_stage(_config(ratio=0.5)) is None
+  config.pruning = None
+  assert pruning_schedule.sparse_stage(config) is None
+
+
+def test_after_sparse_prunes_the_sparse_stage_model_by_taylor(tmp_path,
+                                                              monkeypatch):
+  """The trainer's path: `setup` runs the sparse stage (a run of its own, in
+  <workdir>/sparse, here a stand-in) and prunes its final model."""
   config = _config(ratio=0.5, importance='taylor', schedule='after_sparse',
                    sparse_rounds=3, lasso=1e-3, taylor_batches=2,
                    taylor_examples=8)
   model = models.unet_from_config(config.model)
-  initial, sparse_trained = _params(model, 0), _params(model, 1)
+  sparse_trained = _params(model, 1)
   calls = []
 
   def train_stage(stage_config, stage_dir):
     calls.append((stage_config, stage_dir))
     return types.SimpleNamespace(params=sparse_trained)
 
-  small, small_params, info = _prepare(config, str(tmp_path), initial,
-                                       train_stage=train_stage)
+  monkeypatch.setattr(trainer, 'train_and_evaluate', train_stage)
+  run, small_params, _, info = trainer.setup(config, str(tmp_path))
   (stage_config, stage_dir), = calls
   assert stage_dir == os.path.join(str(tmp_path), 'sparse')
-  assert stage_config.pruning is None
-  assert stage_config.group_lasso == 1e-3
-  assert stage_config.num_rounds == 3
+  assert stage_config.to_json() == pruning_schedule.sparse_stage(
+      config).to_json()
   assert info['importance'] == 'taylor'
-  assert tuple(small.level_widths) == (4, 8)
+  assert tuple(info['level_widths']) == (4, 8)
+  assert jax.tree.map(np.shape, run.param_shapes) == jax.tree.map(
+      np.shape, small_params)
   # The kept channels are sliced from the sparse stage's model (its Taylor
   # ranking is tested in test_pruning.py), not from the initial one.
   for name in ('conv_in', 'temb_dense0'):
