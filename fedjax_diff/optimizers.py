@@ -34,7 +34,7 @@ def scale_by_global_step_schedule(
 
   def update_fn(updates, state, params=None, *, global_step, **extra_args):
     del params, extra_args
-    lr = schedule(global_step)
+    lr = jnp.asarray(schedule(global_step))
     return jax.tree.map(lambda u: -lr.astype(u.dtype) * u, updates), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -185,9 +185,11 @@ def error_feedback(inner: UploadTransform) -> UploadTransform:
     corrected = jax.tree.map(lambda d, e: d.astype(jnp.float32) + e, delta,
                              z['residual'])
     sent, inner_z = inner.apply(corrected, z['inner'], key, ctx)
-    residual = jax.tree.map(lambda c, s: c - s.astype(jnp.float32), corrected,
-                            sent)
+    # What is sent is Δ̂ in Δ's dtype: the residual keeps whatever that cast
+    # rounds off too, so Σ_t Δ̂_t = Σ_t Δ_t − e_T holds for bfloat16 Δ.
     delta_hat = jax.tree.map(lambda d, s: s.astype(d.dtype), delta, sent)
+    residual = jax.tree.map(lambda c, s: c - s.astype(jnp.float32), corrected,
+                            delta_hat)
     return delta_hat, {'residual': residual, 'inner': inner_z}
 
   return UploadTransform(init_client_state, apply, inner.wire_bytes,
