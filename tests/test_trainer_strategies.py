@@ -2,7 +2,7 @@
 
 One tiny run of configs/test.py (2 rounds, no evaluators) and a one-round
 resume of it; the strategies themselves are tested against Python loops in
-tests/test_rounds_upload.py.
+tests/algorithms/test_fedavg_upload.py.
 """
 
 import os
