@@ -33,28 +33,6 @@ RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
                      'checkpoint_every', 'eval.', 'evaluators.',
                      'progress_every_seconds')
 
-# Fields added after runs were already written, with the value that gives the
-# behaviour those runs had (FedAvg: no proximal term, float32 uploads). A
-# workdir whose config.json lacks one of them is read as holding this value,
-# so a FedAvg run from before resumes with today's default config, and one
-# resumed with e.g. --config.upload.quantize_bits=4 is refused. These are the
-# defaults of configs/mnist_fedavg.py (a test keeps them in sync), except
-# client_optimizer.keep_state, which that config turns on.
-ADDED_FIELDS = {
-    'prox_mu': 0.0,
-    'upload.quantize_bits': 0,
-    'upload.granularity': 'per_channel',
-    'upload.rounding': 'stochastic',
-    'upload.scale_method': 'minmax',
-    'upload.error_feedback': False,
-    'upload.calib_batch': 4,
-    'upload.calib_steps': 4,
-    'upload.calib_t_frac': 0.4,
-    'upload.calib_t_spread': 0.05,
-    'client_optimizer.keep_state': False,
-}
-
-
 def is_writer() -> bool:
   return jax.process_index() == 0
 
@@ -78,8 +56,10 @@ def check_and_write_config(workdir: str,
                            config: ml_collections.ConfigDict) -> None:
   """Writes config.json, or checks a resumed run against the one there.
 
-  The configs are compared field by field (flattened); a field missing from
-  the workdir's config.json that is in ADDED_FIELDS counts as that value.
+  The configs are compared field by field (flattened). A field that only
+  one side has is a difference like any other: a workdir written by an
+  older fedjax_diff, whose config.json lacks a field added since, is refused
+  with the field named, rather than read through a table of assumed values.
 
   Raises:
     ValueError: the workdir holds a run of a different configuration (other
@@ -90,25 +70,34 @@ def check_and_write_config(workdir: str,
   if os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
-    old = {**ADDED_FIELDS, **old}
     cur = _flatten(json.loads(new))
     diff = sorted(
         k for k in set(old) | set(cur)
-        if old.get(k) != cur.get(k) and not any(
+        if (k not in old or k not in cur or old[k] != cur[k]) and not any(
             k == r or (r.endswith('.') and k.startswith(r))
             for r in RESUMABLE_CHANGES))
     if diff:
-      lines = '\n'.join(f'  {k}: {old.get(k)!r} in the workdir, '
-                        f'{cur.get(k)!r} now' for k in diff)
+      lines = '\n'.join(
+          f'  {k}: {_describe(old, k)} in the workdir, {_describe(cur, k)} now'
+          for k in diff)
+      missing = [k for k in diff if k not in old]
+      hint = (f'\nThe workdir\'s config.json has no {", ".join(missing)}: it '
+              'was written before the field existed. If the run had the '
+              'behaviour of the value now, add that value to its config.json; '
+              'else use the old fedjax_diff.' if missing else '')
       raise ValueError(
           f'{workdir} holds a run with a different config; resuming it with '
-          f'this one would mix two experiments:\n{lines}\nUse a new --workdir, '
-          'or the workdir\'s own config.json. Only '
+          f'this one would mix two experiments:\n{lines}{hint}\nUse a new '
+          '--workdir, or the workdir\'s own config.json. Only '
           f'{", ".join(RESUMABLE_CHANGES)} may change on resume.')
   if is_writer():
     os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:
       f.write(new + '\n')
+
+
+def _describe(flat: Mapping[str, Any], key: str) -> str:
+  return repr(flat[key]) if key in flat else '(absent)'
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:

@@ -73,39 +73,33 @@ def test_every_config_has_the_strategy_fields():
     assert config.upload.granularity == 'per_channel'
 
 
-def test_added_fields_are_the_reference_defaults():
-  flat = _flat(mnist_fedavg.get_config())
-  added = dict(workdir_lib.ADDED_FIELDS)
-  # The one added field whose reference value differs from the old
-  # behaviour: the quickstart keeps client Adam state, older runs did not.
-  assert added.pop('client_optimizer.keep_state') is False
-  assert flat['client_optimizer.keep_state'] is True
-  assert {k: flat[k] for k in added} == added
-  strategy_fields = {k for k in flat
-                     if k == 'prox_mu' or k.startswith('upload.')}
-  assert strategy_fields == set(added)
-
-
-def test_workdir_from_before_the_strategy_fields(tmp_path):
-  """An old config.json without prox_mu/upload: FedAvg resumes, a quantized
-  run in the same workdir is refused."""
+def test_workdir_from_before_a_field_is_refused_naming_it(tmp_path):
+  """An old config.json without a field added since (here `algorithm` and
+  `prox_mu`) is refused with the fields named and what to do; once the run's
+  value is written into it, the same config resumes. Nothing is assumed."""
   old = json.loads(workdir_lib.config_to_json(test_config.get_config()))
+  del old['algorithm']
   del old['prox_mu']
-  del old['upload']
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(old, f)
+  with pytest.raises(ValueError) as e:
+    workdir_lib.check_and_write_config(str(tmp_path),
+                                       test_config.get_config())
+  message = str(e.value)
+  assert "algorithm: (absent) in the workdir, 'fedavg' now" in message
+  assert 'prox_mu: (absent) in the workdir, 0.0 now' in message
+  assert 'has no algorithm, prox_mu' in message
+  with open(tmp_path / 'config.json') as f:
+    assert 'algorithm' not in json.load(f)  # nothing was touched.
+  old.update(algorithm='fedavg', prox_mu=0.0)
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(old, f)
+  workdir_lib.check_and_write_config(str(tmp_path), test_config.get_config())
   config = test_config.get_config()
   config.upload.quantize_bits = 4
   with pytest.raises(ValueError,
                      match=r'upload\.quantize_bits: 0 in the workdir, 4 now'):
     workdir_lib.check_and_write_config(str(tmp_path), config)
-  config = test_config.get_config()
-  config.prox_mu = 0.01
-  with pytest.raises(ValueError, match=r'prox_mu: 0\.0 in the workdir'):
-    workdir_lib.check_and_write_config(str(tmp_path), config)
-  workdir_lib.check_and_write_config(str(tmp_path), test_config.get_config())
-  with open(os.path.join(tmp_path, 'config.json')) as f:
-    assert json.load(f)['upload']['quantize_bits'] == 0
 
 
 def test_evaluators_may_change_on_resume(tmp_path):
