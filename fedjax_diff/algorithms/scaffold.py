@@ -6,11 +6,13 @@ server keeps a control variate c, every client k its own c_k (both start at
 0). Round r with sampled clients S of N:
 
 1. the server sends x (the global model) and c to every k ∈ S;
-2. client k trains from y = x with the corrected gradient
+2. client k trains from y = x for K steps with the corrected step
 
-       g̃(y) = g_k(y) − c_k + c
+       y ← y − η_s·(d_s − c_k + c),
 
-   fed to its optimizer (SGD in the paper: y ← y − η_s·g̃(y)), for K steps;
+   where d_s is its optimizer's direction at step s (SGD, the paper's
+   setting: the gradient g_k(y); Adam: its normalised moment ratio) and η_s
+   the learning rate;
 3. option II: c_k⁺ = c_k − c + (x − y) / Σ_s η_s (for a constant η,
    Σ_s η_s = K·η), and the client uploads Δy_k = U(y − x) and
    Δc_k = c_k⁺ − c_k, then keeps c_k⁺;
@@ -18,13 +20,19 @@ server keeps a control variate c, every client k its own c_k (both start at
    Δx = Σ_{k∈S} n_k Δy_k / Σ_{k∈S} n_k (`sgd(1.0)`: x ← x + Δx, the paper's
    global step size η_g = 1), and c ← c + (1/N)·Σ_{k∈S} Δc_k.
 
-Departures, both neutral in the paper's setting: Δx is example-weighted like
-FedAvg's (the paper's unweighted mean over S is the same for equal n_k), so
-that SCAFFOLD with c = c_k = 0, i.e. its first round, is exactly FedAvg; and
-with the run's client optimizer (Adam, momentum, clipping, FedDM-prox) the
-correction enters the chain first, where the raw gradient would, and η_s is
-the learning-rate schedule's value at step s, so option II is exact for SGD
-and the usual estimate of the mean corrected direction otherwise.
+Departures, both neutral in the paper's setting (plain SGD): Δx is
+example-weighted like FedAvg's (the paper's unweighted mean over S is the
+same for equal n_k), so that SCAFFOLD with c = c_k = 0, i.e. its first
+round, is exactly FedAvg; and with the run's client optimizer (Adam,
+momentum, clipping, FedDM-prox) the control variates live in the space of
+the optimizer's directions: the correction −η_s·(c − c_k) is added to the
+chain's update (`control_variate_correction`, last in the chain), and
+option II's (x − y)/Σ_s η_s is the mean corrected direction, so c_k
+estimates the mean direction d of client k. For SGD this is the paper's
+algorithm exactly. Measured on MNIST, putting the correction in gradient
+space instead, before Adam, made it dominate the normalised step (c_k is in
+units of directions, ~1 per weight, not of gradients) and training stalled:
+held-out loss 0.56 at round 5 against FedAvg's 0.058.
 
 Communication: x and c down, Δy_k (through the upload path) and Δc_k
 (float32) up: twice FedAvg's bytes per client and direction in float32.
@@ -32,7 +40,7 @@ Rows: c_k in `ServerState.client_states['scaffold']`; the server's c in
 `ServerState.algorithm['c']`.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,18 +60,21 @@ class CorrectionState(NamedTuple):
   """`control_variate_correction` keeps no state: c − c_k arrives per call."""
 
 
-def control_variate_correction() -> optax.GradientTransformationExtraArgs:
-  """g ↦ g + (c − c_k), with `scaffold_correction=c − c_k` an extra
-  argument of every update (SCAFFOLD's corrected local gradient)."""
+def control_variate_correction(learning_rate: Callable[[jax.Array], jax.Array]
+                               ) -> optax.GradientTransformationExtraArgs:
+  """u ↦ u − η_s·(c − c_k), the last link of the client chain, with
+  `scaffold_correction=c − c_k` and `global_step=s` extra arguments of every
+  update and η_s = `learning_rate(s)`: SCAFFOLD's corrected step."""
 
   def init_fn(params):
     del params
     return CorrectionState()
 
   def update_fn(updates, state, params=None, *, scaffold_correction,
-                **extra_args):
+                global_step, **extra_args):
     del params, extra_args
-    return jax.tree.map(lambda g, d: (g + d).astype(g.dtype), updates,
+    lr = jnp.asarray(learning_rate(global_step), jnp.float32)
+    return jax.tree.map(lambda u, d: (u - lr * d).astype(u.dtype), updates,
                         scaffold_correction), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -100,15 +111,15 @@ class Algorithm(base.Algorithm):
   name = 'scaffold'
 
   def __init__(self, run: base.Run):
-    super().__init__(run)
     cfg = run.config.client_optimizer
     self.lr_schedule = optimizers.warmup_schedule(
         float(cfg.learning_rate), int(cfg.get('warmup_steps', 0)))
+    super().__init__(run)
     self.aggregator = control_variate_aggregator()
 
   def make_client_optimizer(self):
-    return optax.chain(control_variate_correction(),
-                       self.run.client_optimizer)
+    return optax.chain(self.run.client_optimizer,
+                       control_variate_correction(self.lr_schedule))
 
   def init(self, params):
     return {'c': jax.tree.map(jnp.zeros_like, params)}

@@ -21,11 +21,14 @@ def lr(step):
 
 
 def add_correction():
-  """g ↦ g + d with d the extra argument `scaffold_correction`, written
-  here independently of the algorithm's transform."""
-  def update(updates, state, params=None, *, scaffold_correction, **kw):
+  """u ↦ u − lr(s)·d with d the extra argument `scaffold_correction` (the
+  corrected step y ← y − η_s(d_s − c_k + c)), written here independently of
+  the algorithm's transform."""
+  def update(updates, state, params=None, *, scaffold_correction,
+             global_step, **kw):
     del params, kw
-    return jax.tree.map(jnp.add, updates, scaffold_correction), state
+    return jax.tree.map(lambda u, d: u - lr(global_step) * d, updates,
+                        scaffold_correction), state
   return optax.GradientTransformationExtraArgs(lambda p: (), update)
 
 
@@ -34,7 +37,7 @@ def reference_run(data, rounds_ids):
   state = lib.reference_state()
   zeros = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), state.params)
   c, c_k = zeros, {k: zeros for k in range(NUM_CLIENTS)}
-  opt = optax.chain(add_correction(), lib.client_opt())
+  opt = optax.chain(lib.client_opt(), add_correction())
   for ids in rounds_ids:
     r = int(state.round)
     lr_sum = sum(lr(r * lib.LOCAL_STEPS + s) for s in range(lib.LOCAL_STEPS))
