@@ -49,10 +49,12 @@ def get_config(arg=None):
 
   # A UNet sized for a 2-core CPU (267k parameters, ~0.12 s per local step
   # of batch 16 there); attention at 7×7 would cost 45% more time.
+  # dtype: 'float32', or 'bfloat16' (mixed precision: bf16 activations and
+  # matmuls, float32 parameters, optimizer state, updates and aggregation).
   config.model = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
       dropout=0.0, num_groups=8, num_classes=config_dict.placeholder(int),
-      conv_impl='auto'))
+      conv_impl='auto', dtype='float32'))
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
 

@@ -251,15 +251,16 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 def make_algorithm(data, num_devices: int = 1, *, name: str = 'fedavg',
                    config=None, optimizer=None, upload=None,
                    num_classes: int = NUM_CLASSES, loss=loss_fn,
-                   **overrides):
+                   params=None, **overrides):
   """(algorithm, sharded data) for `data` on the first `num_devices`
-  devices, built from `tiny_config(**overrides)` (or `config`)."""
+  devices, built from `tiny_config(**overrides)` (or `config`), for a model
+  of `params` (default: the tiny denoiser's) trained with `loss`."""
   config = config or tiny_config(**overrides)
   with config.unlocked():
     config.algorithm = name
   mesh = federation.client_mesh(jax.devices()[:num_devices])
   sharded = federation.shard_client_data(data, mesh)
-  params = init_params()
+  params = init_params() if params is None else params
   run = algorithms.Run(
       config=config, workdir='/nonexistent', mesh=mesh, data=sharded,
       num_clients=int(np.sum(np.asarray(data.counts) > 0)),
@@ -270,13 +271,16 @@ def make_algorithm(data, num_devices: int = 1, *, name: str = 'fedavg',
   return algorithms.build(name, run), sharded
 
 
-def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True):
-  """Runs the algorithm's round over `rounds_ids`; returns (state, list of
-  host metrics, round_fn)."""
+def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True,
+               params=None):
+  """Runs the algorithm's round over `rounds_ids` from `state` (default: the
+  initial state of `params`, default the tiny denoiser's); returns (state,
+  list of host metrics, round_fn)."""
   round_fn = algorithm.make_round(donate=donate)
   mesh = algorithm.run.mesh
   if state is None:
-    state = algorithm.initial_state(init_params(), jax.random.PRNGKey(42))
+    state = algorithm.initial_state(
+        init_params() if params is None else params, jax.random.PRNGKey(42))
   all_metrics = []
   # As many slots in every round (one compilation), as few as fit them all.
   per_device = federation.max_slots_per_device(rounds_ids, sharded.num_clients,

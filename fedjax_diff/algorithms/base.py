@@ -30,9 +30,11 @@ that defines `Algorithm`, named by `config.algorithm.name`.
 
 import abc
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -71,6 +73,8 @@ class Run:
     server_optimizer: applied to the pseudo-gradient −Δ̄.
     upload: the upload path of client updates, or None (float32 Δ).
     param_shapes: shapes and dtypes of the model's parameters.
+    model: the (possibly pruned) model module, for tools that count its
+      FLOPs or rebuild it; None where an algorithm is built without one.
     log: where progress lines go (process 0 prints).
   """
   config: ml_collections.ConfigDict
@@ -87,6 +91,7 @@ class Run:
   server_optimizer: optax.GradientTransformation
   upload: Optional[UploadTransform]
   param_shapes: PyTree
+  model: Any = None
   log: Callable[[str], None] = print
 
 
@@ -230,17 +235,30 @@ class Algorithm(abc.ABC):
                                      self.clients_per_round, self.seed,
                                      round_idx)
 
-  def slots(self, round_idx: int, slots_per_device: Optional[int] = None):
+  @functools.cached_property
+  def slots_per_device(self) -> int:
+    """The most clients any device holds in any round of the run: every
+    round gets this many slots per device (one compilation, the least
+    padding)."""
+    return federation.max_slots_per_device(
+        [self.sample_clients(r) for r in range(self.num_rounds)],
+        self.run.data.num_clients, self.run.mesh.size)
+
+  def slots(self, round_idx: int):
     """(client_ids, client_mask) of round `round_idx`, laid out on the mesh
     (`federation.round_slots`)."""
     return federation.round_slots(self.sample_clients(round_idx),
                                   self.run.mesh.size,
-                                  self.run.data.num_clients, slots_per_device)
+                                  self.run.data.num_clients,
+                                  self.slots_per_device)
 
   def initial_state(self, params: PyTree,
                     rng: jax.Array) -> state_lib.ServerState:
-    """The round-0 server state, placed on the mesh."""
+    """The round-0 server state, placed on the mesh. It holds copies of
+    `params`: the round donates its state, and the caller's arrays must
+    survive that."""
     mesh = self.run.mesh
+    params = jax.tree.map(jnp.copy, params)
     state = state_lib.init_server_state(
         params, self.run.server_optimizer, rng,
         state_lib.init_client_states(self.client_rows, params,

@@ -568,7 +568,8 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
   Args:
     cfg: with fields `ch`, `ch_mult`, `num_res_blocks`, `attn_resolutions`,
       `dropout`, and optionally `num_classes` (default None), `num_groups`
-      (default 32), `out_ch` (default: input channels) and the pruned
+      (default 32), `out_ch` (default: input channels), `dtype` ('float32'
+      or 'bfloat16', `compute_dtype`), `conv_impl` and the pruned
       widths `level_widths`, `stem_width`, `temb_width` (default None: the
       unpruned widths; see `UNet`).
 
@@ -586,10 +587,28 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       num_classes=None if num_classes is None else int(num_classes),
       out_ch=None if out_ch is None else int(out_ch),
       num_groups=int(cfg.get('num_groups', 32)),
+      dtype=compute_dtype(cfg.get('dtype', 'float32')),
       conv_impl=resolve_conv_impl(cfg.get('conv_impl', 'xla')),
       level_widths=_optional_ints(cfg.get('level_widths', None)),
       stem_width=_optional_int(cfg.get('stem_width', None)),
       temb_width=_optional_int(cfg.get('temb_width', None)))
+
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """`config.model.dtype` → the UNet's compute dtype.
+
+  'bfloat16' is mixed precision: activations and matmuls in bfloat16, with
+  float32 parameters (so gradients, the optimizer state, client updates and
+  their aggregation stay float32) and a float32 output ε̂, hence a float32
+  loss. 'float32' computes everything in float32.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.model.dtype={name!r}; use one of '
+                     f'{sorted(COMPUTE_DTYPES)}.')
+  return COMPUTE_DTYPES[name]
 
 
 def _optional_int(v):

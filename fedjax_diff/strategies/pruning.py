@@ -130,7 +130,7 @@ def taylor_gradients(loss_fn: Callable[..., jax.Array], params: PyTree,
   """Mean over `num_batches` noise/timestep draws of ∇_θ loss_fn.
 
   `loss_fn(params, x, labels, rng) -> scalar` is the diffusion loss of the
-  trainer (`trainer.make_loss_fn`): each draw samples t ~ U{0..T−1} and
+  trainer (`experiment.make_loss_fn`): each draw samples t ~ U{0..T−1} and
   ε ~ N(0, I) afresh, so the mean covers the whole range of timesteps that
   Diff-Pruning accumulates over.
   """

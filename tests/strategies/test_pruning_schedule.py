@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from fedjax_diff import experiment
 from fedjax_diff import models
 from fedjax_diff import trainer
 from fedjax_diff.diffusion import make_schedule
@@ -48,7 +49,7 @@ def _prepare(config, workdir, params):
   images = np.random.default_rng(0).integers(0, 256, (16, *IMAGE), np.uint8)
   return pruning_schedule.prepare(
       config, workdir, model, params, image_shape=IMAGE,
-      loss_fn_for=lambda m: trainer.make_loss_fn(models.make_eps_fn(m),
+      loss_fn_for=lambda m: experiment.make_loss_fn(models.make_eps_fn(m),
                                                  schedule, config),
       images=images, labels=None, seed=0, log=lambda msg: None)
 
