@@ -80,7 +80,10 @@ def get_config(arg=None):
   # quantize_bits: 0 sends Δ in float32 (FedAvg); 8, 4 or 2 quantizes it
   # (any of 2..16 works). granularity: 'per_tensor' | 'per_channel' (one
   # scale per output channel). rounding: 'nearest' | 'stochastic'
-  # (unbiased). scale_method: 'minmax' | 'mse' (clipping ratio minimising
+  # (unbiased: with a scale method that clips, each client carries the
+  # clipped mass to its next update, or error feedback's residual does;
+  # see fedjax_diff/strategies/upload.py). scale_method: 'minmax' | 'mse'
+  # (clipping ratio minimising
   # ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style, arXiv 2211.15736: ratios
   # minimising the error of ε on x_t that the client's model generates with
   # calib_steps DDIM steps to t ≈ calib_t_frac·T, calib_batch images; costs

@@ -101,9 +101,12 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
                        ) -> Optional[upload_lib.UploadTransform]:
   """The upload transform of `config.upload`; None means FedAvg's raw Δ.
 
-  The chain is [quantizer], wrapped in `error_feedback` when asked. The
-  keyword arguments are needed for scale_method='calibrated' only (they
-  describe the model the calibration samples from).
+  The chain is [quantizer], wrapped in `error_feedback` when asked. With
+  stochastic rounding and scales that clip ('mse', 'calibrated'), the
+  quantizer carries the clipped mass to the client's next update, so the
+  upload stays unbiased (error feedback's residual carries it instead when
+  on). The keyword arguments are needed for scale_method='calibrated' only
+  (they describe the model the calibration samples from).
 
   Raises:
     ValueError: an invalid or inconsistent `config.upload`.
@@ -130,7 +133,7 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
         steps=int(cfg.get('calib_steps', 4)),
         t_frac=float(cfg.get('calib_t_frac', 0.4)),
         t_spread=float(cfg.get('calib_t_spread', 0.05)))
-  transform = upload_lib.quantizer(qcfg, calibration)
   if error_feedback:
-    transform = upload_lib.error_feedback(transform)
-  return transform
+    return upload_lib.error_feedback(
+        upload_lib.quantizer(qcfg, calibration, carry_clipped=False))
+  return upload_lib.quantizer(qcfg, calibration)
