@@ -83,8 +83,8 @@ def get_config(arg=None):
   # (unbiased: with a scale method that clips, each client carries the
   # clipped mass to its next update, or error feedback's residual does;
   # see fedjax_diff/strategies/upload.py). scale_method: 'minmax' | 'mse'
-  # (clipping ratio minimising
-  # ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style, arXiv 2211.15736: ratios
+  # (clipping ratio minimising ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style,
+  # arXiv 2211.15736: ratios
   # minimising the error of ε on x_t that the client's model generates with
   # calib_steps DDIM steps to t ≈ calib_t_frac·T, calib_batch images; costs
   # ≈ calib_steps + 2 + leaves·11 UNet forward passes of calib_batch per
