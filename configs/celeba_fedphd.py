@@ -29,5 +29,6 @@ def get_config(arg=None):
   config = celeba_fedavg.get_config()
   config.hierarchy = mnist_fedphd.hierarchy_block(agg_a=20000,
                                                   select_scale=10000)
+  mnist_fedphd.fedphd_protocol(config)
   config.pruning = mnist_fedphd.pruning_block(0.4)
   return mnist_fedphd.apply_variant(config, arg)

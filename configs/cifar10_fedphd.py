@@ -29,5 +29,6 @@ def get_config(arg=None):
   config = cifar10_fedavg.get_config()
   config.hierarchy = mnist_fedphd.hierarchy_block(agg_a=50000,
                                                   select_scale=10000)
+  mnist_fedphd.fedphd_protocol(config)
   config.pruning = mnist_fedphd.pruning_block(0.2)
   return mnist_fedphd.apply_variant(config, arg)

@@ -65,9 +65,16 @@ def get_config(arg=None):
   # held-out EMA loss 0.0329 kept vs 0.0370 fresh, classifier FID 94 (the
   # fresh run reached 162 only at round 40). Nothing extra is communicated;
   # each client holds 2× the model in Adam moments.
+  # shared_state: instead, ONE optimizer state shared by the clients, as
+  # FedPhD's code (arXiv 2507.06449) carries one Adam and one warmup from
+  # client to client: the server keeps it, the round's clients start from
+  # it, the warmup counts every client's steps, and after the round it
+  # becomes the state one optimizer would hold after all their gradients
+  # in FedPhD's loop order (fedjax_diff/algorithms/base.py). Excludes
+  # keep_state.
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-3, warmup_steps=100, grad_clip=1.0,
-      keep_state=True))
+      keep_state=True, shared_state=False))
   # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg.
   config.server_optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=1.0))
@@ -96,6 +103,9 @@ def get_config(arg=None):
       scale_method='minmax', error_feedback=False, calib_batch=4,
       calib_steps=4, calib_t_frac=0.4, calib_t_spread=0.05))
 
+  # The model the evaluators judge: 'ema' (the EMA of the global model,
+  # DDPM's choice) or 'raw' (the global model itself, FedPhD's code's).
+  config.eval_params = 'ema'
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),
       # Stochastic DDIM (η = 1, i.e. DDPM's ancestral variance) with 250
