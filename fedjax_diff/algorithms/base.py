@@ -252,6 +252,13 @@ class Algorithm(abc.ABC):
   def format_summary(self, summary: dict) -> str:
     return comm.format_summary(summary)
 
+  def _optimizer_state_note(self) -> str:
+    if self.keep_optimizer_state:
+      return ', client optimizer state kept across rounds'
+    if self.shared_optimizer_state:
+      return ', one client optimizer state shared by the clients'
+    return ''
+
   def describe(self) -> str:
     """One line: the algorithm and its client-side settings."""
     fed = self.run.config.federation
@@ -261,8 +268,7 @@ class Algorithm(abc.ABC):
     return (f'{self.name}: {fed.clients_per_round} of {fed.num_clients} '
             f'clients per round, {fed.local_steps} local steps of batch '
             f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
-            f'{", client optimizer state kept across rounds" if self.keep_optimizer_state else ""}'
-            f'{", one client optimizer state shared by the clients" if self.shared_optimizer_state else ""}'
+            f'{self._optimizer_state_note()}'
             f'; upload {upload}: {traffic["uplink_bytes"] / 2**20:.2f} MiB '
             f'up and {traffic["downlink_bytes"] / 2**20:.2f} MiB down per '
             'round.')

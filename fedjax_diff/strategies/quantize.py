@@ -33,10 +33,11 @@ Clipping and bias
 -----------------
 Outside the clipping range no bounded code is unbiased: ``E[Δ̂] =
 clip(Δ/s, ±q_max)·s``, so with ``r < 1`` (``'mse'``, ``'calibrated'``) the
-clipped entries lose ``m = Δ − clip(Δ/s, ±q_max)·s`` in expectation (at 2 bits
-the ``'mse'`` search clips much of a heavy-tailed tensor). :func:`carry_clipped_quantize`
-keeps that mass instead: the client adds it to its next update, exactly as
-error feedback adds its residual, so ``E[Δ̂_t] = Δ_t + m_{t−1} − m_t`` with
+clipped entries lose ``m = Δ − clip(Δ/s, ±q_max)·s`` in expectation (at 2
+bits the ``'mse'`` search clips much of a heavy-tailed tensor).
+:func:`carry_clipped_quantize` keeps that mass instead: the client adds it to
+its next update, exactly as error feedback adds its residual, so
+``E[Δ̂_t] = Δ_t + m_{t−1} − m_t`` with
 ``m_t`` deterministic given the input, and ``Σ_t E[Δ̂_t] = Σ_t Δ_t − m_T``:
 nothing is lost in expectation, only delayed. The upload path
 (`strategies.upload.quantizer`) does this by default for stochastic rounding
