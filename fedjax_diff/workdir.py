@@ -31,7 +31,7 @@ from clu import metric_writers
 # evaluators read the server state and never change it), not what it trains.
 RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
                      'checkpoint_every', 'eval.', 'evaluators.',
-                     'progress_every_seconds')
+                     'eval_params', 'progress_every_seconds')
 
 def is_writer() -> bool:
   return jax.process_index() == 0

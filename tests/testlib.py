@@ -131,28 +131,44 @@ def batch_indices(order_key, count: int, max_n: int, step: int,
 
 def train_client(start, images, labels, count, key, round_idx, *,
                  loss=loss_fn, optimizer=None, local_steps=LOCAL_STEPS,
-                 batch_size=BATCH, opt_state=None, extra_args=None):
+                 batch_size=BATCH, opt_state=None, extra_args=None,
+                 step_offset=None, grads_log=None):
   """One client's local training as a plain loop over steps.
 
-  Returns (params, mean loss, optimizer state)."""
+  Step s calls the optimizer with global_step = step_offset + s (default
+  offset: round_idx·local_steps); `grads_log`, a list, receives each step's
+  gradients. Returns (params, mean loss, optimizer state)."""
   opt = optimizer or client_opt()
   grad_fn = jax.jit(jax.value_and_grad(loss))
   order_key, train_key = jax.random.split(key)
   images, labels = np.asarray(images), np.asarray(labels)
   params = start
   opt_state = opt.init(start) if opt_state is None else opt_state
+  offset = round_idx * local_steps if step_offset is None else step_offset
   losses = []
   for s in range(local_steps):
     _, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
     idx = batch_indices(order_key, count, images.shape[0], s, batch_size)
     x = jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0
     value, grads = grad_fn(params, x, jnp.asarray(labels[idx]), loss_key)
+    if grads_log is not None:
+      grads_log.append(grads)
     updates, opt_state = opt.update(
         grads, opt_state, params, global_params=start,
-        global_step=round_idx * local_steps + s, **(extra_args or {}))
+        global_step=offset + s, **(extra_args or {}))
     params = optax.apply_updates(params, updates)
     losses.append(float(value))
   return params, float(np.mean(losses)), opt_state
+
+
+def sequential_state(optimizer, opt_state, grads_in_order, params):
+  """The optimizer state after `grads_in_order`, one update after another
+  (the state of FedPhD's one optimizer after its loop over clients). The
+  chains here keep state that depends on the gradients only."""
+  for g in grads_in_order:
+    _, opt_state = optimizer.update(g, opt_state, params,
+                                    global_params=params, global_step=0)
+  return opt_state
 
 
 def upload_key(key):

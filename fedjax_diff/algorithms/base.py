@@ -20,7 +20,34 @@ and optional hooks, each with a neutral default here:
 * `round_figures(metrics, round)`: what a logged round adds to
   metrics.jsonl;
 * `summary(num_rounds, state)`: the run's totals for summary.json;
-* `describe()`: one line for the log.
+* `describe()`: one line for the log;
+* `client_order(client_ids, client_mask, slot_inputs)`: the order in which a
+  sequential implementation would train the round's clients (see below).
+
+Client optimizer state. By default every client starts a fresh optimizer
+every round (FedAvg); with `config.client_optimizer.keep_state` each client
+keeps its own across rounds (`ServerState.client_states`); with
+`config.client_optimizer.shared_state` the round's clients share one state,
+as FedPhD's code (arXiv 2507.06449), whose clients train one after another
+with ONE Adam and one warmup schedule, carried from client to client and
+round to round. Clients train in parallel here, so a carry from client to
+client within a round cannot be; the closest faithful scheme is:
+
+* the server keeps the shared state x in `ServerState.client_opt_state`;
+  every client of round r starts from x_r;
+* client k's learning-rate schedule counts the steps of every client before
+  it in the sequential order (`client_order`: FedAvg by client id, FedPhD by
+  edge, then id, as its code's loops): step s of the client at position
+  p_k uses global step (r·K + p_k)·S + s, K clients of S steps a round;
+* after the round x_{r+1} is the state ONE optimizer would hold after the
+  clients' gradients in that order (`optimizers.compose_sequential`: exact
+  for Adam's moments, momentum and step counts, given each client's
+  gradients).
+
+The departure from the sequential code: within a round, client k's
+trajectory starts from x_r instead of from the state the clients before it
+left (its Adam moments miss their gradients, its bias correction counts
+p_k·S steps fewer). With one client per round the two are the same.
 
 `Run` is what every algorithm is built from: the trainer makes it once from
 the config (data on the mesh, model, loss, optimizers with their transforms,
@@ -44,6 +71,7 @@ from fedjax_diff import client as client_lib
 from fedjax_diff import comm
 from fedjax_diff import engine
 from fedjax_diff import federation
+from fedjax_diff import optimizers
 from fedjax_diff import state as state_lib
 from fedjax_diff.strategies.aggregator import Aggregator
 from fedjax_diff.strategies.upload import UploadTransform
@@ -138,6 +166,15 @@ class Algorithm(abc.ABC):
     # FedAvg.
     self.keep_optimizer_state = bool(
         config.client_optimizer.get('keep_state', False))
+    # One optimizer state shared by the clients (FedPhD's code; see the
+    # module docstring).
+    self.shared_optimizer_state = bool(
+        config.client_optimizer.get('shared_state', False))
+    if self.keep_optimizer_state and self.shared_optimizer_state:
+      raise ValueError(
+          'config.client_optimizer: keep_state (each client its own optimizer '
+          'state) and shared_state (one state shared by the clients) exclude '
+          'each other; set at most one.')
     self.client_optimizer = self.make_client_optimizer()
     self.train = client_lib.make_local_training(
         run.loss_fn, self.client_optimizer, self.local_steps, self.batch_size,
@@ -156,6 +193,13 @@ class Algorithm(abc.ABC):
     """The algorithm's server-side state (`ServerState.algorithm`)."""
     del params
     return {}
+
+  def client_opt_state(self, params: PyTree) -> PyTree:
+    """The shared client optimizer state before the first round
+    (`ServerState.client_opt_state`); `{}` unless `shared_state`."""
+    if not self.shared_optimizer_state:
+      return {}
+    return self.client_optimizer.init(params)
 
   def client_rows(self, params: PyTree) -> dict:
     """What one client keeps across rounds (`client.initial_rows`)."""
@@ -212,6 +256,13 @@ class Algorithm(abc.ABC):
   def format_summary(self, summary: dict) -> str:
     return comm.format_summary(summary)
 
+  def _optimizer_state_note(self) -> str:
+    if self.keep_optimizer_state:
+      return ', client optimizer state kept across rounds'
+    if self.shared_optimizer_state:
+      return ', one client optimizer state shared by the clients'
+    return ''
+
   def describe(self) -> str:
     """One line: the algorithm and its client-side settings."""
     fed = self.run.config.federation
@@ -221,7 +272,7 @@ class Algorithm(abc.ABC):
     return (f'{self.name}: {fed.clients_per_round} of {fed.num_clients} '
             f'clients per round, {fed.local_steps} local steps of batch '
             f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
-            f'{", client optimizer state kept across rounds" if self.keep_optimizer_state else ""}'
+            f'{self._optimizer_state_note()}'
             f'; upload {upload}: {traffic["uplink_bytes"] / 2**20:.2f} MiB '
             f'up and {traffic["downlink_bytes"] / 2**20:.2f} MiB down per '
             'round.')
@@ -263,8 +314,19 @@ class Algorithm(abc.ABC):
         params, self.run.server_optimizer, rng,
         state_lib.init_client_states(self.client_rows, params,
                                      self.run.data.num_clients, mesh),
-        algorithm=self.init(params))
+        algorithm=self.init(params),
+        client_opt_state=self.client_opt_state(params))
     return state_lib.place_state(state, mesh)
+
+  # -- The order of a sequential implementation. ----------------------------
+
+  def client_order(self, client_ids: jax.Array, client_mask: jax.Array,
+                   slot_inputs: Any) -> jax.Array:
+    """Each slot's position among the round's real clients in the order a
+    sequential implementation trains them (padding slots: after them).
+    Default: by client id. Used by `shared_state`."""
+    del slot_inputs
+    return order_positions(client_ids, client_mask)
 
   # -- For subclasses: one client on the engine. -----------------------------
 
@@ -282,29 +344,91 @@ class Algorithm(abc.ABC):
       extra_args: `(shared, slot_input, rows) -> dict` of extra arguments
         for the client optimizer (e.g. SCAFFOLD's control variates).
     """
+    shared_state = self.shared_optimizer_state
+    steps, per_round = self.local_steps, self.clients_per_round
 
     def client_fn(shared, slot, data_row, rows):
       key, slot_input = slot
+      opt_state = step_offset = None
+      if shared_state:
+        # `client_round` adds the shared state and the client's position.
+        shared, opt_state = shared
+        slot_input, position = slot_input
       _, round_idx = shared
+      if shared_state:
+        step_offset = (round_idx * per_round + position) * steps
       local = client_lib.LocalData(data_row.images, data_row.labels,
                                    data_row.counts)
       extra = extra_args(shared, slot_input, rows) if extra_args else None
       u = self.local_update(start(shared, slot_input), local, key, rows,
-                            round_idx, extra)
+                            round_idx, extra, opt_state, step_offset)
       contrib, rows = ((u.update, u.rows) if contribution is None else
                        contribution(u, shared, slot_input, u.rows))
-      return engine.ClientResult(
-          contribution=contrib, rows=rows,
-          outputs={'loss': u.loss, 'norm': u.norm,
-                   'upload_error': u.upload_error},
-          count=data_row.counts)
+      outputs = {'loss': u.loss, 'norm': u.norm,
+                 'upload_error': u.upload_error}
+      if shared_state:
+        outputs['opt_state'] = u.opt_state
+      return engine.ClientResult(contribution=contrib, rows=rows,
+                                 outputs=outputs, count=data_row.counts)
 
     return client_fn
 
   def client_round(self, client_fn: engine.ClientFn, aggregator: Aggregator):
-    """`engine.make_client_round` with this run's mesh, mode and rows."""
+    """`engine.make_client_round` with this run's mesh, mode and rows.
+
+    With `shared_state`, the returned `run` also hands every client the
+    shared optimizer state and its position (`client_order`), and its
+    outputs hold `'client_opt_state'`, the next round's shared state
+    (`optimizers.compose_sequential`): pass `**self.shared_state_update(
+    outputs)` to `state.advance`.
+    """
     params = self.run.param_shapes
-    return engine.make_client_round(
+    run = engine.make_client_round(
         client_fn, mesh=self.run.mesh, mode=self.mode,
         chunk_size=self.chunk_size, aggregator=aggregator,
         row_shapes=jax.eval_shape(self.client_rows, params))
+    if not self.shared_optimizer_state:
+      return run
+    cfg = self.run.config.client_optimizer
+
+    def run_shared(state, data, client_ids, client_mask, shared,
+                   slot_inputs=None, key=None):
+      positions = self.client_order(client_ids, client_mask, slot_inputs)
+      start = state.client_opt_state
+      aggregate, outputs, rows = run(
+          state, data, client_ids, client_mask,
+          shared=(shared, start), slot_inputs=(slot_inputs, positions),
+          key=key)
+      outputs = dict(outputs)
+      finals = outputs.pop('opt_state')
+      outputs['client_opt_state'] = optimizers.compose_sequential(
+          start, finals, positions, client_mask, self.local_steps,
+          optimizers.state_decays(cfg, start))
+      return aggregate, outputs, rows
+
+    return run_shared
+
+  def shared_state_update(self, outputs: dict) -> dict:
+    """`state.advance`'s keyword for the next round's shared client
+    optimizer state (`{}` without `shared_state`)."""
+    if not self.shared_optimizer_state:
+      return {}
+    return {'client_opt_state': outputs['client_opt_state']}
+
+
+def order_positions(client_ids: jax.Array, client_mask: jax.Array,
+                    groups: Optional[jax.Array] = None) -> jax.Array:
+  """Each slot's rank among the real slots by (group, client id); padding
+  slots rank after every real one. FedPhD's loops train the clients of edge
+  0 (by id), then those of edge 1, ...: groups = the slots' edges."""
+  ids = jnp.asarray(client_ids).astype(jnp.int32)
+  real = jnp.asarray(client_mask) > 0
+  big = jnp.iinfo(jnp.int32).max // 2
+  span = jnp.max(ids) + 1
+  keys = ids if groups is None else jnp.asarray(groups) * span + ids
+  keys = jnp.where(real, keys, big)
+  slot = jnp.arange(keys.shape[0])
+  # Rank by key, ties (padding) by slot.
+  before = (keys[None, :] < keys[:, None]) | (
+      (keys[None, :] == keys[:, None]) & (slot[None, :] < slot[:, None]))
+  return jnp.sum(before, axis=1).astype(jnp.int32)

@@ -50,7 +50,8 @@ class Algorithm(base.Algorithm):
           jax.tree.map(lambda d: -d, delta), state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       return (state_lib.advance(state, params, opt_state, self.ema_decay,
-                                client_states=rows),
+                                client_states=rows,
+                                **self.shared_state_update(outputs)),
               engine.client_metrics(outputs))
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())

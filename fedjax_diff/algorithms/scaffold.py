@@ -168,7 +168,8 @@ class Algorithm(base.Algorithm):
       params = optax.apply_updates(state.params, updates)
       c = jax.tree.map(lambda cc, d: cc + d / num_clients, c, dc_sum)
       return (state_lib.advance(state, params, opt_state, self.ema_decay,
-                                client_states=rows, algorithm={'c': c}),
+                                client_states=rows, algorithm={'c': c},
+                                **self.shared_state_update(outputs)),
               engine.client_metrics(outputs))
 
     return jax.jit(round_fn, donate_argnums=(0,) if donate else ())

@@ -5,10 +5,14 @@ config without them is plain FedAvg):
 
     config.prox_mu            FedDM-prox's μ; > 0 puts `proximal(μ)` first in
                               the client optimizer chain.
-    config.group_lasso        λ > 0 adds FedPhD's sparse-training penalty
+    config.group_lasso        λ > 0 adds the sparse-training penalty
                               λ·Σ‖θ_{g,c}‖₂ over UNet channel groups
                               (`pruning.group_lasso`; set by
                               config.pruning.schedule='after_sparse').
+    config.frobenius_penalty  λ > 0 adds FedPhD's sparse-training penalty
+                              λ·Σ_W ‖W‖_F over weight tensors
+                              (`pruning.frobenius_penalty`; set by
+                              'after_sparse' with penalty='frobenius').
     config.upload.quantize_bits      0 (off), or 2..16 (FedDM-quant: 8, 4, 2)
     config.upload.granularity        'per_tensor' | 'per_channel'
     config.upload.rounding           'nearest' | 'stochastic'
@@ -39,11 +43,12 @@ from fedjax_diff.strategies.calibration import Calibration
 def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
   """Transforms put first in the client optimizer chain (raw gradients).
 
-  `[proximal(prox_mu)]` when `config.prox_mu > 0`, else `[]` (so μ = 0 is
-  exactly FedAvg's optimizer).
+  `[proximal(prox_mu)]` when `config.prox_mu > 0`, then the sparse-training
+  penalties whose λ > 0 (`group_lasso`, `frobenius_penalty`); `[]` when
+  none is on (so μ = 0 is exactly FedAvg's optimizer).
 
   Raises:
-    ValueError: prox_mu is negative or not a number.
+    ValueError: prox_mu or a penalty's λ is negative or not a number.
   """
   mu = config.get('prox_mu', 0.0)
   try:
@@ -60,6 +65,11 @@ def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
   if lam > 0:
     out.append(pruning_lib.group_lasso(
         None, lam, num_groups=int(config.model.get('num_groups', 32))))
+  lam = float(config.get('frobenius_penalty', 0.0) or 0.0)
+  if lam < 0:
+    raise ValueError(f'config.frobenius_penalty must be >= 0, got {lam!r}.')
+  if lam > 0:
+    out.append(pruning_lib.frobenius_penalty(lam))
   return out
 
 
@@ -91,9 +101,12 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
                        ) -> Optional[upload_lib.UploadTransform]:
   """The upload transform of `config.upload`; None means FedAvg's raw Δ.
 
-  The chain is [quantizer], wrapped in `error_feedback` when asked. The
-  keyword arguments are needed for scale_method='calibrated' only (they
-  describe the model the calibration samples from).
+  The chain is [quantizer], wrapped in `error_feedback` when asked. With
+  stochastic rounding and scales that clip ('mse', 'calibrated'), the
+  quantizer carries the clipped mass to the client's next update, so the
+  upload stays unbiased (error feedback's residual carries it instead when
+  on). The keyword arguments are needed for scale_method='calibrated' only
+  (they describe the model the calibration samples from).
 
   Raises:
     ValueError: an invalid or inconsistent `config.upload`.
@@ -120,7 +133,7 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
         steps=int(cfg.get('calib_steps', 4)),
         t_frac=float(cfg.get('calib_t_frac', 0.4)),
         t_spread=float(cfg.get('calib_t_spread', 0.05)))
-  transform = upload_lib.quantizer(qcfg, calibration)
   if error_feedback:
-    transform = upload_lib.error_feedback(transform)
-  return transform
+    return upload_lib.error_feedback(
+        upload_lib.quantizer(qcfg, calibration, carry_clipped=False))
+  return upload_lib.quantizer(qcfg, calibration)

@@ -22,8 +22,9 @@ and bfloat16 grads of float32 params, where an optimizer with float32
 moments returns float32: `mixed_out_dtype`); the state keeps its tree,
 shapes and dtypes through `update` (it runs as a `lax.scan` carry); the
 neutral setting returns the grads unchanged: `proximal(0.0)` bit for bit (as
-it promises), `group_lasso(lam=0.0)`, a mask keeping every channel, a
-learning rate of −1 for the `u ↦ −lr·u` schedule, and for
+it promises), `group_lasso(lam=0.0)`, `frobenius_penalty(0.0)`, a mask
+keeping every channel, a learning rate of −1 for the `u ↦ −lr·u` schedule,
+and for
 `client_optimizer` (Adam has no identity setting) SGD at lr −1 without
 momentum or clipping around the neutral extras, to 1e-7.
 
@@ -226,6 +227,9 @@ CLIENT_TRANSFORMS = [
                lambda: pruning.group_lasso(None, 0.0,
                                            num_groups=UNET_GROUPS_NUM),
                False, (pruning.group_lasso,), tree='unet'),
+    ClientCase('frobenius_penalty', lambda: pruning.frobenius_penalty(1e-2),
+               lambda: pruning.frobenius_penalty(0.0), False,
+               (pruning.frobenius_penalty,)),
     ClientCase('mask_transform',
                lambda: pruning.mask_transform(TINY_GROUPS, TINY_KEEP),
                lambda: pruning.mask_transform(TINY_GROUPS, TINY_ALL), False,
