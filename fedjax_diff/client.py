@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_diff.strategies import clipping
 from fedjax_diff.strategies import upload as upload_lib
 
 PyTree = Any
@@ -74,12 +75,6 @@ def client_batch(images, labels, order, count, step, batch_size, key,
     flip = jax.random.bernoulli(key, 0.5, (batch_size,))
     x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
   return x, labels[idx]
-
-
-def tree_norm(tree) -> jax.Array:
-  """‖tree‖₂ over all leaves, in float32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
 
 
 def upload_key(client_key: jax.Array) -> jax.Array:
@@ -164,14 +159,16 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
 
   Returns:
     `client_update(start, data: LocalData, key, rows, round,
-    extra_args=None) -> ClientUpdate`. When `rows` holds the client's
-    optimizer state (`OPTIMIZER`), training continues from it and the state
-    after the last local step replaces it; the upload's state (`UPLOAD`)
-    likewise.
+    extra_args=None, clip_norm=None) -> ClientUpdate`. When `rows` holds the
+    client's optimizer state (`OPTIMIZER`), training continues from it and
+    the state after the last local step replaces it; the upload's state
+    (`UPLOAD`) likewise. `clip_norm` is the round's clip norm the server
+    broadcasts (DP, `strategies.privacy`), handed to the upload path as
+    `UploadContext.clip_norm`.
   """
 
   def client_update(start, data: LocalData, key, rows, round_idx,
-                    extra_args=None):
+                    extra_args=None, clip_norm=None):
     params, loss, opt_state = train(start, data.images, data.labels,
                                     data.count, key, round_idx,
                                     rows.get(OPTIMIZER), extra_args)
@@ -179,13 +176,13 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     if OPTIMIZER in rows:
       rows[OPTIMIZER] = opt_state
     delta = jax.tree.map(jnp.subtract, params, start)
-    norm = tree_norm(delta)
+    norm = clipping.global_norm(delta)
     if upload is None:
       return ClientUpdate(delta, params, rows, loss, norm,
                           jnp.zeros_like(norm))
     ctx = upload_lib.UploadContext(global_params=start, params=params,
                                    labels=data.labels, count=data.count,
-                                   round=round_idx)
+                                   round=round_idx, clip_norm=clip_norm)
     # A stateless upload keeps no rows: its (leafless) state is rebuilt here.
     z = rows.get(UPLOAD)
     if z is None:
@@ -193,7 +190,8 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
     if UPLOAD in rows:
       rows[UPLOAD] = z
-    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
+    err = clipping.global_norm(
+        jax.tree.map(jnp.subtract, delta_hat, delta))
     return ClientUpdate(delta_hat, params, rows, loss, norm, err)
 
   return client_update
