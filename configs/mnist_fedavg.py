@@ -93,6 +93,10 @@ def get_config(arg=None):
       scale_method='minmax', error_feedback=False, calib_batch=4,
       calib_steps=4, calib_t_frac=0.4, calib_t_spread=0.05))
 
+  # Client-level differential privacy (DP-FedAvg, arXiv 1710.06963): a
+  # `config.dp` block, absent here (no DP); its fields are documented in
+  # configs/mnist_dp.py and fedjax_diff/strategies/privacy.py.
+
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),
       # Stochastic DDIM (η = 1, i.e. DDPM's ancestral variance) with 250

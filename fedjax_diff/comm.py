@@ -120,11 +120,15 @@ def with_exact_totals(summary: dict[str, Any], rounds: list[dict[str, int]],
   out = dict(summary)
   up = int(sum(r['uplink_bytes'] for r in rounds))
   down = int(sum(r['downlink_bytes'] for r in rounds))
+  fedavg_up = int(clients) * summary['param_bytes']
   out.update({
       'total_uplink_bytes': up,
       'total_downlink_bytes': down,
       'total_bytes': up + down,
-      'fedavg_fp32_total_uplink_bytes': int(clients) * summary['param_bytes'],
+      'fedavg_fp32_total_uplink_bytes': fedavg_up,
+      'uplink_compression_vs_fedavg_fp32': fedavg_up / up if up else float(
+          'inf'),
+      'uplink_fraction_of_fedavg_fp32': up / fedavg_up if fedavg_up else 0.0,
   })
   return out
 

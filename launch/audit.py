@@ -2,11 +2,12 @@ r"""Privacy audit of a trained global model: membership inference and
 memorization.
 
   python launch/audit.py WORKDIR [--step=N] [--num_members=500]
-      [--num_samples=500] [--sample_steps=50] [--bootstrap=1000]
+      [--num_samples=500] [--sample_steps=20] [--bootstrap=1000]
 
 Members are training images of clients that took part in at least one of the
-checkpoint's rounds (the run's own sampling, recomputed from its config);
-non-members are the held-out split of the same dataset. The EMA model (the
+checkpoint's rounds (the run's own sampling, recomputed from its config),
+drawn with the class mix of the non-members; non-members are the held-out
+split of the same dataset. The EMA model (the
 one that samples) is attacked with the loss-threshold attack on its
 ε-prediction error at fixed timesteps and noises, and with SecMI's t-error;
 each gets its AUC and TPR at 1% FPR with bootstrap intervals. Then
@@ -32,7 +33,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint round (default: the '
                              'latest).')
 _NUM_MEMBERS = flags.DEFINE_integer(
     'num_members', None, 'Members attacked (default: as many as the held-out '
-    'non-members).')
+    'non-members, with their class mix).')
 _NUM_NONMEMBERS = flags.DEFINE_integer(
     'num_nonmembers', None, 'Held-out non-members attacked (default: the '
     'whole held-out split).')
@@ -46,7 +47,7 @@ _SECMI_INTERVAL = flags.DEFINE_float('secmi_interval', 0.01, 'SecMI\'s step '
                                      'k, a fraction of T.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 500, 'DDIM samples of the '
                                     'memorization check (0: skip it).')
-_SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 50, 'DDIM steps of those '
+_SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 20, 'DDIM steps of those '
                                      'samples (η = 0).')
 _BOOTSTRAP = flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap resamples.')
 _FPR = flags.DEFINE_float('fpr', 0.01, 'The false-positive rate of TPR@FPR.')
@@ -65,9 +66,28 @@ def participants(config, num_clients: int, rounds: int):
   return np.array(sorted(seen), np.int64)
 
 
+def matched_members(pool, labels, nonmember_labels, num: int, rng):
+  """`num` members drawn from `pool` (indices into `labels`) with the class
+  proportions of the non-members, so that neither side of the attack is
+  easier by its mix of digits (as many of a class as the pool has, at
+  most); without replacement."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  pool = np.asarray(pool)
+  classes, counts = np.unique(nonmember_labels, return_counts=True)
+  want = np.floor(counts / counts.sum() * num).astype(int)
+  # Largest remainders first, to `num` in all.
+  rest = counts / counts.sum() * num - want
+  want[np.argsort(-rest)[:num - want.sum()]] += 1
+  out = []
+  for c, k in zip(classes, want):
+    mine = pool[labels[pool] == c]
+    out.append(rng.choice(mine, min(k, len(mine)), replace=False))
+  return np.sort(np.concatenate(out))
+
+
 def audit(workdir: str, *, step=None, num_members=None, num_nonmembers=None,
           timesteps=(0.02, 0.05, 0.1, 0.2, 0.3), num_noises=2, secmi_t=0.1,
-          secmi_interval=0.01, num_samples=500, sample_steps=50,
+          secmi_interval=0.01, num_samples=500, sample_steps=20,
           bootstrap=1000, fpr=0.01, seed=0, batch_size=100,
           log=print) -> dict:
   """Runs the audit of `workdir`'s checkpoint; returns its figures (also
@@ -99,8 +119,9 @@ def audit(workdir: str, *, step=None, num_members=None, num_nonmembers=None,
   rng = np.random.default_rng(seed)
   n_non = min(num_nonmembers or len(test.images), len(test.images))
   non_idx = rng.choice(len(test.images), n_non, replace=False)
-  n_mem = min(num_members or n_non, len(member_pool))
-  mem_idx = rng.choice(member_pool, n_mem, replace=False)
+  mem_idx = matched_members(member_pool, train.labels, test.labels[non_idx],
+                            num_members or n_non, rng)
+  n_mem = len(mem_idx)
   to_float = lambda x: np.asarray(client_lib.to_float_images(x))
   members, nonmembers = (to_float(train.images[mem_idx]),
                          to_float(test.images[non_idx]))

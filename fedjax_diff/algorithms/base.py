@@ -287,20 +287,28 @@ class Algorithm(abc.ABC):
               state: Optional[state_lib.ServerState] = None) -> dict:
     """The run's totals for summary.json (`comm.run_summary`); `state` is
     the final server state. Under DP the totals are the exact sums over the
-    Poisson cohorts (the per-client and FedAvg figures are for the expected
-    cohort), and `dp_epsilon` / `dp_delta` the run's guarantee."""
+    Poisson cohorts (FedAvg's float32 baseline for the same clients; the
+    per-round figures are for the expected cohort), and `dp_epsilon` /
+    `dp_delta` the run's guarantee."""
     del state
-    out = comm.run_summary(self.run.param_shapes, num_rounds,
-                           self.clients_per_round, self.run.upload,
-                           per_round=self.round_bytes(0))
-    if self.privacy is not None:
-      clients = sum(self.cohort_size(r) for r in range(num_rounds))
-      out = comm.with_exact_totals(
-          out, [self.round_bytes(r) for r in range(num_rounds)], clients)
-      out.update({'dp_epsilon': self.privacy.epsilon(num_rounds),
-                  'dp_delta': self.privacy.settings.delta,
-                  'dp_noise_multiplier': self.privacy.noise_multiplier,
-                  'dp_sampled_clients': int(clients)})
+    if self.privacy is None:
+      return comm.run_summary(self.run.param_shapes, num_rounds,
+                              self.clients_per_round, self.run.upload,
+                              per_round=self.round_bytes(0))
+    rounds = [self.round_bytes(r) for r in range(num_rounds)]
+    clients = sum(self.cohort_size(r) for r in range(num_rounds))
+    # Every client sends and receives the same bytes: one expected cohort's.
+    per_round = {k: sum(r[k] for r in rounds) // max(clients, 1)
+                 * self.clients_per_round
+                 for k in ('uplink_bytes', 'downlink_bytes')}
+    out = comm.with_exact_totals(
+        comm.run_summary(self.run.param_shapes, num_rounds,
+                         self.clients_per_round, self.run.upload,
+                         per_round=per_round), rounds, clients)
+    out.update({'dp_epsilon': self.privacy.epsilon(num_rounds),
+                'dp_delta': self.privacy.settings.delta,
+                'dp_noise_multiplier': self.privacy.noise_multiplier,
+                'dp_sampled_clients': int(clients)})
     return out
 
   def format_summary(self, summary: dict) -> str:

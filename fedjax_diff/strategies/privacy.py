@@ -40,7 +40,10 @@ client state (optimizer moments, error-feedback residuals, SCAFFOLD's c_k)
 never leaves a client and costs nothing. FedDDPM (an auxiliary set sampled
 from every client's model) and FedPhD (edge selection and cloud weights
 from each client's label distribution and example count) release data that
-is neither clipped nor noised: they refuse `config.dp`.
+is neither clipped nor noised: they refuse `config.dp`. The simulation's
+own logs (the cohort's training loss and update norms, its size, the
+fraction clipped) are diagnostics computed from raw client data, outside
+the guarantee: a deployment would not publish them.
 
 Config (`config.dp`; `Settings.from_config` is its only parser):
 

@@ -121,7 +121,7 @@ def test_round_clients_follows_the_config():
       b, federation.poisson_sample_clients(16, 12 / 16, 0, 2))
 
 
-# -- The noise. ------------------------------------------------------------------
+# -- The noise. -------------------------------------------------------------
 
 
 def _finalize(noise_multiplier, divisor, count_stddev, shapes, key,
