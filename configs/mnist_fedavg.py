@@ -108,6 +108,11 @@ def get_config(arg=None):
   # The model the evaluators judge: 'ema' (the EMA of the global model,
   # DDPM's choice) or 'raw' (the global model itself, FedPhD's code's).
   config.eval_params = 'ema'
+
+  # Client-level differential privacy (DP-FedAvg, arXiv 1710.06963): a
+  # `config.dp` block, absent here (no DP); its fields are documented in
+  # configs/mnist_dp.py and fedjax_diff/strategies/privacy.py.
+
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),
       # Stochastic DDIM (η = 1, i.e. DDPM's ancestral variance) with 250

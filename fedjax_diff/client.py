@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_diff.strategies import clipping
 from fedjax_diff.strategies import upload as upload_lib
 
 PyTree = Any
@@ -77,12 +78,6 @@ def client_batch(images, labels, order, count, step, batch_size, key,
     flip = jax.random.bernoulli(key, 0.5, (batch_size,))
     x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
   return x, labels[idx]
-
-
-def tree_norm(tree) -> jax.Array:
-  """‖tree‖₂ over all leaves, in float32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
 
 
 def upload_key(client_key: jax.Array) -> jax.Array:
@@ -171,16 +166,20 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
 
   Returns:
     `client_update(start, data: LocalData, key, rows, round,
-    extra_args=None, opt_state=None, step_offset=None) -> ClientUpdate`.
+    extra_args=None, opt_state=None, step_offset=None, clip_norm=None)
+    -> ClientUpdate`.
     Training starts from `opt_state` when given, else from the client's
     own optimizer state when `rows` holds it (`OPTIMIZER`; the state after
     the last local step then replaces it), else from a fresh one; the
     upload's state (`UPLOAD`) is carried likewise. `step_offset`: see
-    `make_local_training`.
+    `make_local_training`. `clip_norm` is the round's clip norm the server
+    broadcasts (DP, `strategies.privacy`), handed to the upload path as
+    `UploadContext.clip_norm`.
   """
 
   def client_update(start, data: LocalData, key, rows, round_idx,
-                    extra_args=None, opt_state=None, step_offset=None):
+                    extra_args=None, opt_state=None, step_offset=None,
+                    clip_norm=None):
     if opt_state is None:
       opt_state = rows.get(OPTIMIZER)
     params, loss, opt_state = train(start, data.images, data.labels,
@@ -190,13 +189,13 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     if OPTIMIZER in rows:
       rows[OPTIMIZER] = opt_state
     delta = jax.tree.map(jnp.subtract, params, start)
-    norm = tree_norm(delta)
+    norm = clipping.global_norm(delta)
     if upload is None:
       return ClientUpdate(delta, params, rows, loss, norm,
                           jnp.zeros_like(norm), opt_state)
     ctx = upload_lib.UploadContext(global_params=start, params=params,
                                    labels=data.labels, count=data.count,
-                                   round=round_idx)
+                                   round=round_idx, clip_norm=clip_norm)
     # A stateless upload keeps no rows: its (leafless) state is rebuilt here.
     z = rows.get(UPLOAD)
     if z is None:
@@ -204,7 +203,8 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
     if UPLOAD in rows:
       rows[UPLOAD] = z
-    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
+    err = clipping.global_norm(
+        jax.tree.map(jnp.subtract, delta_hat, delta))
     return ClientUpdate(delta_hat, params, rows, loss, norm, err, opt_state)
 
   return client_update

@@ -52,8 +52,6 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   Returns:
     (round, {figure: value}, {evaluator: seconds}).
   """
-  import types  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from fedjax_diff import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
   from fedjax_diff import models  # pylint: disable=g-import-not-at-top
   from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
@@ -61,23 +59,7 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   from fedjax_diff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
   from fedjax_diff.strategies import pruning_schedule  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a training '
-                            'workdir (launch/train.py writes config.json).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  manager = workdir_lib.checkpoint_manager(workdir)
-  step = manager.latest_step() if step is None else int(step)
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-        f'no checkpoint {"" if step is None else step} in {workdir}/'
-        f'checkpoints (steps there: {list(manager.all_steps())}).')
-  raw = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  state = types.SimpleNamespace(params=raw['params'],
-                                ema_params=raw['ema_params'],
-                                round=int(raw['round']))
+  config, state = workdir_lib.load_run(workdir, step)
 
   _, test = trainer.load_data(config.data)
   # The UNet the run trained: the compact one of a pruned (FedPhD) run.

@@ -59,6 +59,11 @@ class Algorithm(base.Algorithm):
   """FedPhD's hierarchy with the settings of `config.hierarchy`."""
 
   name = 'fedphd'
+  dp_unsound = (
+      "edge selection (eq. 3) and the cloud's homogeneity-aware weights "
+      "(eq. 5) are computed from each client's label distribution and "
+      'example count, which no clipping bounds and no noise covers, and '
+      'edges average updates by example count.')
 
   def __init__(self, run: base.Run):
     super().__init__(run)

@@ -22,6 +22,9 @@ config without them is plain FedAvg):
     config.upload.calib_steps        'calibrated': DDIM steps to t ≈ 0.4·T
     config.upload.calib_t_frac       'calibrated': the centre, 0.4
     config.upload.calib_t_spread     'calibrated': its spread, 0.05
+    config.dp                 client-level DP (`strategies.privacy`, which
+                              parses it): puts `clipping.clip` first in the
+                              upload chain, before any quantizer.
 
 Any combination composes: e.g. prox_mu=0.01 with 4-bit quantization and
 error feedback trains with the proximal term and uploads EF-quantized
@@ -33,6 +36,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 
 from fedjax_diff.diffusion import NoiseSchedule
+from fedjax_diff.strategies import privacy as privacy_lib
 from fedjax_diff.strategies import proximal as proximal_lib
 from fedjax_diff.strategies import pruning as pruning_lib
 from fedjax_diff.strategies import quantize as quantize_lib
@@ -99,18 +103,23 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
                        image_shape: Optional[tuple[int, ...]] = None,
                        num_classes: Optional[int] = None
                        ) -> Optional[upload_lib.UploadTransform]:
-  """The upload transform of `config.upload`; None means FedAvg's raw Δ.
+  """The upload transform of `config.upload` and `config.dp`; None means
+  FedAvg's raw Δ.
 
-  The chain is [quantizer], wrapped in `error_feedback` when asked. With
-  stochastic rounding and scales that clip ('mse', 'calibrated'), the
-  quantizer carries the clipped mass to the client's next update, so the
-  upload stays unbiased (error feedback's residual carries it instead when
-  on). The keyword arguments are needed for scale_method='calibrated' only
-  (they describe the model the calibration samples from).
+  The chain is [clip (under config.dp), quantizer], the quantizer wrapped
+  in `error_feedback` when asked: clipping comes first, so the quantizer
+  encodes the clipped update. With stochastic rounding and scales that clip
+  ('mse', 'calibrated'), the quantizer carries the clipped mass to the
+  client's next update, so the upload stays unbiased (error feedback's
+  residual carries it instead when on). The keyword arguments are needed
+  for scale_method='calibrated' only (they describe the model the
+  calibration samples from).
 
   Raises:
-    ValueError: an invalid or inconsistent `config.upload`.
+    ValueError: an invalid or inconsistent `config.upload` or `config.dp`.
   """
+  dp = privacy_lib.Settings.from_config(config)
+  clip = [dp.upload_stage()] if dp is not None else []
   cfg = config.get('upload')
   qcfg = quantization_config(cfg)
   error_feedback = (bool(cfg.get('error_feedback', False)) if cfg is not None
@@ -120,7 +129,7 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
       raise ValueError(
           'config.upload.error_feedback=True needs a compressor: set '
           'config.upload.quantize_bits to 8, 4 or 2.')
-    return None
+    return upload_lib.chain(*clip) if clip else None
   calibration = None
   if qcfg.scale_method == 'calibrated':
     if eps_fn is None or schedule is None or image_shape is None:
@@ -134,6 +143,8 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
         t_frac=float(cfg.get('calib_t_frac', 0.4)),
         t_spread=float(cfg.get('calib_t_spread', 0.05)))
   if error_feedback:
-    return upload_lib.error_feedback(
+    transform = upload_lib.error_feedback(
         upload_lib.quantizer(qcfg, calibration, carry_clipped=False))
-  return upload_lib.quantizer(qcfg, calibration)
+  else:
+    transform = upload_lib.quantizer(qcfg, calibration)
+  return upload_lib.chain(*clip, transform)

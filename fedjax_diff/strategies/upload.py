@@ -78,12 +78,16 @@ class UploadContext:
     labels: int32 [max_n], the client's labels (zero beyond `count`).
     count: int32 scalar, the client's example count (0 for padding slots).
     round: int32 scalar, the round index.
+    clip_norm: the round's clip norm C_r when the server broadcasts one
+      (client-level DP, `strategies.privacy`; read by `clipping.clip()`),
+      else None.
   """
   global_params: PyTree
   params: PyTree
   labels: jax.Array
   count: jax.Array
   round: jax.Array
+  clip_norm: Optional[jax.Array] = None
 
 
 class UploadTransform(NamedTuple):
