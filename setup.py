@@ -37,6 +37,9 @@ setuptools.setup(
         'mlxtend>=0.23',
         'pillow>=10',
         'matplotlib>=3.8',
+        # The privacy accountant of client-level DP (strategies/accountant.py);
+        # tested with 0.6.0, whose Requires pin attrs<24.
+        'dp-accounting>=0.6,<0.7',
     ],
     extras_require={
         # Accelerators: jax's own extras, which add the CUDA 12 plugin and
