@@ -17,6 +17,7 @@ import os
 import time
 from typing import Optional
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -101,8 +102,7 @@ def report_partition(train: data_lib.Dataset, parts, workdir: str) -> None:
   text = data_lib.format_histogram(hist)
   log(f'Examples per client and label:\n{text}')
   if workdir_lib.is_writer():
-    with open(os.path.join(workdir, 'label_histogram.txt'), 'w') as f:
-      f.write(text + '\n')
+    (epath.Path(workdir) / 'label_histogram.txt').write_text(text + '\n')
     data_lib.plot_histogram(hist, os.path.join(workdir, 'label_histogram.png'),
                             title=f'{train.name}: examples per client')
 
@@ -123,8 +123,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   parts = partition(train.labels, config.partition,
                     int(config.federation.num_clients), seed)
   report_partition(train, parts, workdir)
-  client_data = federation.shard_client_data(
-      federation.stack_clients(train.images, train.labels, parts), mesh)
+  client_data = federation.place_clients(train.images, train.labels, parts,
+                                         mesh)
   image_shape = tuple(train.images.shape[1:])
   model, params = experiment.init_model(config, image_shape)
   log(f'UNet: {models.count_params(params):,} parameters.')
@@ -192,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     done = r + 1
     state, row = algorithm.after_round(state, done)
     if done % log_every == 0 or done == num_rounds:
+      metrics = federation.to_host(metrics)  # all processes' clients.
       loss = check_finite(float(metrics['loss']), done, workdir)
       now = time.perf_counter()
       seconds = (now - t_last) / (done - r_last)

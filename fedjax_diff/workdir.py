@@ -12,7 +12,8 @@ A workdir holds
 
 Running the same command again resumes from the latest checkpoint. Only
 process 0 writes files other than checkpoints, which Orbax writes
-collectively.
+collectively. Paths go through `etils.epath`, so a workdir may be a local
+folder or a bucket (`gs://...`, which the hosts of a pod share).
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Optional
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -65,11 +67,10 @@ def check_and_write_config(workdir: str,
     ValueError: the workdir holds a run of a different configuration (other
       than the fields in RESUMABLE_CHANGES); nothing in it is touched.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = epath.Path(workdir) / 'config.json'
   new = config_to_json(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = _flatten(json.load(f))
+  if path.exists():
+    old = _flatten(json.loads(path.read_text()))
     cur = _flatten(json.loads(new))
     diff = sorted(
         k for k in set(old) | set(cur)
@@ -91,9 +92,8 @@ def check_and_write_config(workdir: str,
           '--workdir, or the workdir\'s own config.json. Only '
           f'{", ".join(RESUMABLE_CHANGES)} may change on resume.')
   if is_writer():
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
-      f.write(new + '\n')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new + '\n')
 
 
 def _describe(flat: Mapping[str, Any], key: str) -> str:
@@ -103,13 +103,12 @@ def _describe(flat: Mapping[str, Any], key: str) -> str:
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   """Writes summary.json (process 0 only)."""
   if is_writer():
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      f.write(json.dumps(summary, indent=2, sort_keys=True) + '\n')
+    (epath.Path(workdir) / 'summary.json').write_text(
+        json.dumps(summary, indent=2, sort_keys=True) + '\n')
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    return json.load(f)
+  return json.loads((epath.Path(workdir) / 'summary.json').read_text())
 
 
 def _scalar(v):
@@ -124,7 +123,7 @@ class MetricsLog:
   """Writes metrics to metrics.jsonl and to clu's writers (TensorBoard)."""
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._writer = metric_writers.create_default_writer(
         workdir, just_logging=not is_writer())
 
@@ -132,8 +131,7 @@ class MetricsLog:
     scalars = {k: _scalar(v) for k, v in metrics.items()}
     self._writer.write_scalars(round_idx, scalars)
     if is_writer():
-      with open(self._path, 'a') as f:
-        f.write(json.dumps({'round': round_idx, **scalars}) + '\n')
+      _append_line(self._path, json.dumps({'round': round_idx, **scalars}))
 
   def write_images(self, round_idx: int, images: Mapping[str, np.ndarray]):
     self._writer.write_images(round_idx, images)
@@ -147,11 +145,11 @@ class MetricsLog:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The rows of a workdir's metrics.jsonl."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines()
+          if line.strip()]
 
 
 def truncate_metrics(workdir: str, last_round: int) -> None:
@@ -165,16 +163,19 @@ def truncate_metrics(workdir: str, last_round: int) -> None:
   rows = read_metrics(workdir)
   kept = [r for r in rows if r['round'] <= last_round]
   if len(kept) != len(rows):
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
+    (epath.Path(workdir) / 'metrics.jsonl').write_text(
+        ''.join(json.dumps(r) + '\n' for r in kept))
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 3
                        ) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      absolute(workdir) / 'checkpoints',
+      # Synchronous saves: the run waits for each anyway, and Orbax's
+      # background commit threads deadlocked two CPU processes (gloo) here.
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True))
+                                           create=True,
+                                           enable_async_checkpointing=False))
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
@@ -232,13 +233,12 @@ def load_run(workdir: str, step: Optional[int] = None):
     FileNotFoundError: no config.json, or no such checkpoint.
   """
   import types  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: the workdir must be a '
                             'training workdir (launch/train.py writes '
                             'config.json).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   manager = checkpoint_manager(workdir)
   step = manager.latest_step() if step is None else int(step)
   if step is None or step not in manager.all_steps():
@@ -253,13 +253,33 @@ def load_run(workdir: str, step: Optional[int] = None):
 
 
 def samples_dir(workdir: str) -> str:
-  path = os.path.join(workdir, 'samples')
+  path = epath.Path(workdir) / 'samples'
   if is_writer():
-    os.makedirs(path, exist_ok=True)
-  return path
+    path.mkdir(parents=True, exist_ok=True)
+  return os.fspath(path)
 
 
 def all_files(workdir: str) -> Iterable[str]:
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      yield os.path.relpath(os.path.join(root, name), workdir)
+  root = epath.Path(workdir)
+  for path in root.rglob('*'):
+    if path.is_file():
+      yield os.fspath(path.relative_to(root))
+
+
+def absolute(workdir) -> epath.Path:
+  """`workdir` as an absolute epath: a local folder made absolute, a
+  `gs://` (or other remote) path kept as it is."""
+  path = epath.Path(workdir)
+  return path if '://' in os.fspath(path) else epath.Path(
+      os.path.abspath(os.fspath(path)))
+
+
+def _append_line(path: epath.Path, line: str) -> None:
+  """Appends `line` to a text file: in place for a local file; by rewriting
+  it where the storage has no append (object stores such as gs://)."""
+  if '://' not in os.fspath(path):
+    with open(os.fspath(path), 'a') as f:
+      f.write(line + '\n')
+  else:
+    old = path.read_text() if path.exists() else ''
+    path.write_text(old + line + '\n')

@@ -9,6 +9,7 @@ from absl import flags
 import pytest
 
 import launch_scripts
+import testlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +40,7 @@ SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
 
 
 def test_bench_against_loop_central_and_torch(tmp_path, capsys, monkeypatch):
+  pytest.importorskip('torch', reason=testlib.NO_TORCH)
   output = tmp_path / 'bench.json'
   # 3 clients on 2 devices: 2 slots per device, so chunk size 3 is skipped
   # (and costs no compilation).

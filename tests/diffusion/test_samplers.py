@@ -2,14 +2,17 @@
 
 import functools
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from fedjax_diff import diffusion
+import testlib
+
+# The references; a test that uses one that is absent is skipped.
+diffusers = testlib.reference_module('diffusers')
+torch = testlib.reference_module('torch')
 
 T = 1000
 SHAPE = (2, 4, 4, 3)

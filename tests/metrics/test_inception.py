@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from fedjax_diff.metrics import inception
+import testlib
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip('torch', reason=testlib.NO_TORCH)
 
 
 def _import_pytorch_fid():
