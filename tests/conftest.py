@@ -17,3 +17,13 @@ if _cache:
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _cache)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_configure(config):
+  # CI (.ci/run) runs the whole suite on Python 3.12 with the newest jax, and
+  # on Python 3.11 (jax 0.10.2, the tested minimum) only the tests marked
+  # py311: those against the torch references, which are installed on 3.11
+  # alone (setup.py), and the quickstart notebook end to end.
+  config.addinivalue_line(
+      'markers', 'py311: also run by CI on Python 3.11 (jax 0.10.2): the '
+      'torch references and the quickstart notebook.')

@@ -39,6 +39,7 @@ CONFIG = os.path.join(ROOT, 'configs', 'test.py')
 SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
 
 
+@pytest.mark.py311  # the PyTorch peer (tests/conftest.py)
 def test_bench_against_loop_central_and_torch(tmp_path, capsys, monkeypatch):
   pytest.importorskip('torch', reason=testlib.NO_TORCH)
   output = tmp_path / 'bench.json'

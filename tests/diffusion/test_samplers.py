@@ -10,6 +10,9 @@ import pytest
 from fedjax_diff import diffusion
 import testlib
 
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
 # The references; a test that uses one that is absent is skipped.
 diffusers = testlib.reference_module('diffusers')
 torch = testlib.reference_module('torch')

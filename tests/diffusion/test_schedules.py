@@ -8,6 +8,9 @@ import pytest
 from fedjax_diff import diffusion
 import testlib
 
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
 # The reference; a test that uses it when it is absent is skipped.
 diffusers = testlib.reference_module('diffusers')
 

@@ -18,6 +18,9 @@ import pytest
 from fedjax_diff.metrics import inception
 import testlib
 
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
 torch = pytest.importorskip('torch', reason=testlib.NO_TORCH)
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from fedjax_diff.metrics import torch_file
 
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
 
 def _state_dict(torch):
   """Tensors of every layout torch.save writes: views with an offset and
