@@ -15,6 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_diff import runtime
+
 CLIENTS = 'clients'
 
 
@@ -196,13 +198,15 @@ def to_host(tree):
   (`multihost_utils.process_allgather`): a collective, so every process
   must call this at the same point. Other arrays are read locally.
   """
-  def get(x):
-    if (isinstance(x, jax.Array) and not x.is_fully_addressable and
-        not x.is_fully_replicated):
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+  def spans_processes(x):
+    return (isinstance(x, jax.Array) and not x.is_fully_addressable and
+            not x.is_fully_replicated)
 
-  return jax.tree.map(get, tree)
+  if any(spans_processes(x) for x in jax.tree.leaves(tree)):
+    runtime.barrier('to_host')  # all processes at the gather (see barrier).
+  return jax.tree.map(
+      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      if spans_processes(x) else np.asarray(x), tree)
 
 
 def sample_clients(num_clients: int, clients_per_round: int, seed: int,

@@ -128,3 +128,23 @@ def accelerator_warning() -> Optional[str]:
           f'(jax {jax.__version__} has no {kind} backend installed). '
           f'Install it with `{INSTALL_COMMANDS[kind]}` (README, "Install"), '
           'or set JAX_PLATFORMS=cpu to silence this.')
+
+
+_BARRIERS = {}
+
+
+def barrier(name: str, timeout_s: float = 1200.0) -> None:
+  """Waits until every process reaches `barrier(name)` (the coordination
+  service's barrier; a no-op in a one-process run).
+
+  Cross-process CPU collectives (gloo) give up when a peer is more than 30 s
+  late to a program's first run, which a slow compile on a loaded host
+  exceeds; a barrier before a new collective program lines the processes
+  up with a long timeout.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  count = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+  distributed.global_state.client.wait_at_barrier(
+      f'fedjax_diff_{name}_{count}', int(timeout_s * 1000))

@@ -31,6 +31,7 @@ from fedjax_diff import experiment
 from fedjax_diff import federation
 from fedjax_diff import models
 from fedjax_diff import progress as progress_lib
+from fedjax_diff import runtime
 from fedjax_diff import state as state_lib
 from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.state import ServerState
@@ -181,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     round_fn = round_fn.lower(state, run.data,
                               *algorithm.slots(start)).compile()
     log(f'Compiled the round in {time.perf_counter() - t:.1f}s.')
+    runtime.barrier('compiled')  # every process compiled it (see barrier).
   progress = progress_lib.Progress(num_rounds, start)
   log_every, ckpt_every = max(1, int(config.log_every)), int(
       config.checkpoint_every)
