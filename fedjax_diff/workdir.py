@@ -93,7 +93,10 @@ def check_and_write_config(workdir: str,
           f'{", ".join(RESUMABLE_CHANGES)} may change on resume.')
   if is_writer():
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new + '\n')
+    # Atomically: the other processes of a resumed run read it meanwhile.
+    tmp = path.parent / f'.config.json.tmp{os.getpid()}'
+    tmp.write_text(new + '\n')
+    tmp.replace(path)
 
 
 def _describe(flat: Mapping[str, Any], key: str) -> str:
