@@ -153,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> ServerState:
   """Trains a federation and evaluates it; resumes from `workdir` if it holds
   a checkpoint of the same config. Returns the final server state."""
+  eval_params = evaluators_lib.check_params(config.get('eval_params', 'ema'))
   workdir_lib.check_and_write_config(workdir, config)
   run, params, test, pruning_info = setup(config, workdir)
   algorithm = build_algorithm(run, params)
@@ -172,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           eps_fn=run.eps_fn, schedule=run.schedule, test_data=test,
           image_shape=run.image_shape,
           num_classes=config.model.get('num_classes'), workdir=workdir,
-          seed=int(config.seed), write_images=metrics_log.write_images))
+          seed=int(config.seed), write_images=metrics_log.write_images,
+          params=eval_params))
   round_fn = algorithm.make_round()
   if start < num_rounds:
     t = time.perf_counter()

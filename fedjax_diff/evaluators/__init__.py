@@ -9,7 +9,9 @@ import sys
 import ml_collections
 
 from fedjax_diff import components
+from fedjax_diff.evaluators.base import check_params
 from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.evaluators.base import evaluated_params
 from fedjax_diff.evaluators.base import Evaluator
 from fedjax_diff.evaluators.base import is_due
 
@@ -24,4 +26,5 @@ def build_evaluators(cfg: ml_collections.ConfigDict,
           for name, entry in (cfg or {}).items()}
 
 
-__all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'is_due']
+__all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'check_params',
+           'evaluated_params', 'is_due']

@@ -4,6 +4,11 @@ An evaluator is built from one entry of `config.evaluators` (the entry's key
 names its module in `fedjax_diff.evaluators`, which defines `Evaluator`), runs
 on the server state every `every_rounds` rounds and at the last round, and
 returns named figures that go to metrics.jsonl and TensorBoard.
+
+Which model the evaluators judge is `config.eval_params` (`EvalContext.params`):
+'ema' (default), the exponential moving average of the global parameters that
+DDPM samples from (Ho et al. 2020, arXiv 2006.11239), or 'raw', the global
+model itself, which FedPhD's code evaluates (arXiv 2507.06449).
 """
 
 import dataclasses
@@ -14,6 +19,17 @@ import ml_collections
 from fedjax_diff.data import Dataset
 from fedjax_diff.diffusion import NoiseSchedule
 from fedjax_diff.state import ServerState
+
+
+PARAMS = ('ema', 'raw')
+
+
+def check_params(which: str) -> str:
+  """`which` if it names the params evaluators may read, else a ValueError."""
+  if which not in PARAMS:
+    raise ValueError(f'config.eval_params must be one of {PARAMS} (the EMA '
+                     f'or the raw global model), got {which!r}.')
+  return which
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +43,16 @@ class EvalContext:
   workdir: str
   seed: int
   write_images: Callable[[int, Mapping[str, Any]], None]
+  params: str = 'ema'   # which model is evaluated: 'ema' or 'raw'.
+
+  def __post_init__(self):
+    check_params(self.params)
+
+
+def evaluated_params(state: ServerState, ctx: EvalContext):
+  """The parameters the evaluators judge: `state.ema_params` or
+  `state.params`, by `ctx.params`."""
+  return state.ema_params if ctx.params == 'ema' else state.params
 
 
 class Evaluator(Protocol):

@@ -20,8 +20,9 @@ from fedjax_diff.strategies import upload
 ROUNDS = [[0, 1, 2, 3], [1, 2, 3, 4]]
 
 
-def _unet_run(dtype, upload_transform=None):
-  """Two FedAvg rounds of configs/test.py's UNet on 8×8 data in `dtype`."""
+def _unet_run(dtype, upload_transform=None, seed=42):
+  """Two FedAvg rounds of configs/test.py's UNet on 8×8 data in `dtype`,
+  the diffusion noise drawn from PRNGKey(`seed`)."""
   config = test_config.get_config()
   config.model.dtype = dtype
   config.model.attn_resolutions = (4,)
@@ -39,27 +40,37 @@ def _unet_run(dtype, upload_transform=None):
       optimizer=optimizers.client_optimizer(ml_collections.ConfigDict(dict(
           name='adam', learning_rate=2e-3, warmup_steps=4, grad_clip=1.0))),
       **{'federation.num_clients': 8, 'federation.clients_per_round': 4})
-  state, metrics, _ = lib.run_rounds(algorithm, sharded, ROUNDS,
-                                     params=params)
+  state = algorithm.initial_state(params, jax.random.PRNGKey(seed))
+  state, metrics, _ = lib.run_rounds(algorithm, sharded, ROUNDS, state=state)
   return params, state, metrics
 
 
 @pytest.fixture(scope='module')
 def runs():
-  return {d: _unet_run(d) for d in ('float32', 'bfloat16')}
+  runs = {d: _unet_run(d) for d in ('float32', 'bfloat16')}
+  runs['float32, other noise'] = _unet_run('float32', seed=43)
+  return runs
 
 
 def test_bf16_round_matches_fp32_within_tolerance(runs):
   """The rounds' losses agree to 2% (bf16 has 8 bits of mantissa: ~0.4%
-  per product, averaged over many) and the models end close relative to
-  how far they moved."""
+  per product, averaged over many), and bf16 moves the model less far from
+  the float32 run than float32 itself does when only the diffusion noise
+  (t, ε) is drawn from another key: the rounding is below the noise that
+  training has anyway. (A fixed fraction of how far the model moved is not
+  a stable bar: Adam divides by √v̂, so on a few steps of a tiny model the
+  coordinates with near-zero gradients flip with the rounding, and how far
+  depends on the CPU's kernels.)"""
   start, fp32, m32 = runs['float32']
   _, bf16, m16 = runs['bfloat16']
   for a, b in zip(m32, m16):
     np.testing.assert_allclose(float(b['loss']), float(a['loss']), rtol=2e-2)
   moved = lib.tree_distance(fp32.params, start)
   assert moved > 1e-3
-  assert lib.tree_distance(bf16.params, fp32.params) < 0.1 * moved
+  _, other_noise, _ = runs['float32, other noise']
+  noise_floor = lib.tree_distance(other_noise.params, fp32.params)
+  rounding = lib.tree_distance(bf16.params, fp32.params)
+  assert rounding < noise_floor, (rounding, noise_floor, moved)
   # Not the same computation: bf16 does differ.
   assert float(m16[0]['loss']) != float(m32[0]['loss'])
 
