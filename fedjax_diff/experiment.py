@@ -66,9 +66,11 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
 def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
              data: federation.ClientData, num_clients: int, num_classes: int,
              image_shape, mesh, workdir: str = '',
-             log: Callable[[str], None] = print) -> algorithms.Run:
+             log: Callable[[str], None] = print,
+             latent=None) -> algorithms.Run:
   """The `algorithms.Run` of a config for `model` (possibly pruned) and
-  `data` (sharded over `mesh`)."""
+  `data` (sharded over `mesh`); `image_shape` is the shape of what the
+  model sees (latents under `latent`, a `fedjax_diff.latent.LatentSpace`)."""
   schedule = schedule_of(config)
   eps_fn = models.make_eps_fn(model)
   return algorithms.Run(
@@ -87,7 +89,7 @@ def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
       # round): what communication accounting needs.
       param_shapes=jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      model=model, log=log)
+      model=model, log=log, latent=latent)
 
 
 def model_flops_per_example(run: algorithms.Run) -> Optional[float]:
