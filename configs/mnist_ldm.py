@@ -60,7 +60,7 @@ def get_config(arg=None):
       ch=64, ch_mult=(1,), num_res_blocks=2, attn_resolutions=(7,),
       dropout=0.0, num_groups=8, num_classes=config_dict.placeholder(int),
       conv_impl='auto', dtype='float32'))
-  config.num_rounds = 30
+  config.num_rounds = 20
   evals = config.evaluators
   evals.samples.every_rounds = 10
   for name in ('fid', 'precision_recall', 'class_coverage'):

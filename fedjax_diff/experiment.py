@@ -44,9 +44,12 @@ def init_model(config: ml_collections.ConfigDict, image_shape):
 
 
 def schedule_of(config: ml_collections.ConfigDict):
-  """The noise schedule of `config.diffusion`."""
+  """The noise schedule of `config.diffusion` (`schedule`, `num_timesteps`,
+  and `beta_start` / `beta_end` where given, e.g. LDM's)."""
+  betas = {k: float(config.diffusion[k]) for k in ('beta_start', 'beta_end')
+           if config.diffusion.get(k) is not None}
   return make_schedule(config.diffusion.schedule,
-                       int(config.diffusion.num_timesteps))
+                       int(config.diffusion.num_timesteps), **betas)
 
 
 def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
