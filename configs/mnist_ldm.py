@@ -45,7 +45,7 @@ def get_config(arg=None):
   config.autoencoder = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3,
       num_groups=8, mid_attention=True,
-      steps=1000, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
+      steps=500, batch_size=32, learning_rate=1e-3, kl_weight=1e-6,
       reconstruction='l1', eval_every=500, checkpoint_every=500,
       num_reconstructions=16))
   # Stage 2: which first stage the UNet's data come from, and the latent

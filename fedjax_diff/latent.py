@@ -77,9 +77,13 @@ class LatentSpace:
                                method=ae_lib.AutoencoderKL.encode)
     return (mean - self.shift) * self.scale
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """s·(z − b) → images D(z/s + b), clipped to [−1, 1]."""
-    x = self.model.apply({'params': self.params}, z / self.scale + self.shift,
+  def decode(self, z: jax.Array, params: Optional[PyTree] = None
+             ) -> jax.Array:
+    """s·(z − b) → images D(z/s + b), clipped to [−1, 1]; `params`: the
+    autoencoder's (default `self.params`; pass them to a jitted caller as
+    an argument)."""
+    params = self.params if params is None else params
+    x = self.model.apply({'params': params}, z / self.scale + self.shift,
                          method=ae_lib.AutoencoderKL.decode)
     return jnp.clip(x, -1.0, 1.0)
 
@@ -119,7 +123,9 @@ def is_autoencoder_workdir(path: str) -> bool:
           os.path.exists(cfg)):
     return False
   with open(cfg) as f:
-    return 'autoencoder' in json.load(f)
+    keys = set(json.load(f))
+  # A latent diffusion run's workdir has the block too, and much more.
+  return 'autoencoder' in keys and 'federation' not in keys
 
 
 def load_autoencoder(path: str, *, trust_pickle: bool = False):
@@ -146,8 +152,10 @@ def load_autoencoder(path: str, *, trust_pickle: bool = False):
           f'launch/train_autoencoder.py on it to the end.')
     raw = manager.restore(step, args=workdir_lib.ocp.args.StandardRestore())
     manager.close()
-    model = ae_lib.from_config(stage.autoencoder)
     params = jax.tree.map(np.asarray, raw['params'])
+    model = ae_lib.from_config(
+        stage.autoencoder,
+        in_channels=params['encoder']['conv_in']['kernel'].shape[2])
     return model, params, None, None, f'{path} (step {step})'
   if not os.path.exists(path):
     raise FileNotFoundError(

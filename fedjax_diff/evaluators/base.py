@@ -85,14 +85,19 @@ def make_drawer(ctx: EvalContext, batch: int, *, method: str = 'ddim',
   if key not in _DRAWERS:
     latent = ctx.latent
 
-    def draw(params, rng, labels):
+    def draw(params, decoder_params, rng, labels):
       x = sample(ctx.eps_fn, params, ctx.schedule, rng, shape, method=method,
                  num_steps=num_steps, eta=eta, labels=labels,
                  guidance_scale=guidance, null_label=ctx.num_classes,
                  clip_denoised=latent is None)
-      return x if latent is None else latent.decode(x)
+      return x if latent is None else latent.decode(x, decoder_params)
 
-    _DRAWERS[key] = jax.jit(draw)
+    # The autoencoder's parameters are an argument, not constants baked
+    # into the compiled program (84M of them for LDM's KL-f8).
+    jitted = jax.jit(draw)
+    first_stage = None if latent is None else latent.params
+    _DRAWERS[key] = lambda params, rng, labels: jitted(params, first_stage,
+                                                       rng, labels)
   return _DRAWERS[key]
 
 
