@@ -1,4 +1,4 @@
-"""Trains the KL autoencoder of latent diffusion (`launch/train_autoencoder.py`).
+"""Trains the KL autoencoder of latent diffusion (launch/train_autoencoder.py).
 
 Objective, per batch of B images x ∈ [−1, 1]^{H×W×C} (LDM, arXiv
 2112.10752, Sec. 3.1 and Appendix G, without its perceptual and adversarial
