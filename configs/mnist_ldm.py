@@ -23,7 +23,10 @@ AutoencoderKL directory or an LDM / diffusers weight file). FedDM-prox and
 FedDM-quant compose as with any config: `--config.prox_mu=0.01`,
 `--config.upload.quantize_bits=8`.
 
-Runtime and results on this machine: see README "Latent diffusion".
+Runtime and results (README "Latent diffusion on embedded MNIST"; 2-core
+CPU shared with other jobs): autoencoder 20 min, test reconstruction L1
+0.039 / PSNR 24.3 dB; latent run 25.5 min, round 10: held-out latent
+ε-loss 0.0416, classifier FID 145.5, precision 0.466, recall 0.448.
 """
 
 import ml_collections
