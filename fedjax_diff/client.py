@@ -49,7 +49,11 @@ UPLOAD = 'upload'
 
 
 def to_float_images(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] → float32 [−1, 1], the range the diffusion model sees."""
+  """uint8 [0, 255] → float32 [−1, 1], the range the diffusion model sees;
+  float data (latents of latent diffusion) are already in the model's space
+  and pass through."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(jnp.float32)
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 

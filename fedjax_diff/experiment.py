@@ -44,9 +44,12 @@ def init_model(config: ml_collections.ConfigDict, image_shape):
 
 
 def schedule_of(config: ml_collections.ConfigDict):
-  """The noise schedule of `config.diffusion`."""
+  """The noise schedule of `config.diffusion` (`schedule`, `num_timesteps`,
+  and `beta_start` / `beta_end` where given, e.g. LDM's)."""
+  betas = {k: float(config.diffusion[k]) for k in ('beta_start', 'beta_end')
+           if config.diffusion.get(k) is not None}
   return make_schedule(config.diffusion.schedule,
-                       int(config.diffusion.num_timesteps))
+                       int(config.diffusion.num_timesteps), **betas)
 
 
 def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
@@ -66,9 +69,11 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
 def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
              data: federation.ClientData, num_clients: int, num_classes: int,
              image_shape, mesh, workdir: str = '',
-             log: Callable[[str], None] = print) -> algorithms.Run:
+             log: Callable[[str], None] = print,
+             latent=None) -> algorithms.Run:
   """The `algorithms.Run` of a config for `model` (possibly pruned) and
-  `data` (sharded over `mesh`)."""
+  `data` (sharded over `mesh`); `image_shape` is the shape of what the
+  model sees (latents under `latent`, a `fedjax_diff.latent.LatentSpace`)."""
   schedule = schedule_of(config)
   eps_fn = models.make_eps_fn(model)
   return algorithms.Run(
@@ -87,7 +92,7 @@ def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
       # round): what communication accounting needs.
       param_shapes=jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      model=model, log=log)
+      model=model, log=log, latent=latent)
 
 
 def model_flops_per_example(run: algorithms.Run) -> Optional[float]:

@@ -47,7 +47,9 @@ class ClientData:
   """The whole federation's training data, stacked on a leading client axis.
 
   Attributes:
-    images: uint8 [num_clients, max_examples, H, W, C], zero beyond `counts`.
+    images: [num_clients, max_examples, H, W, C], zero beyond `counts`:
+      uint8 pixels, or float32 latents (latent diffusion,
+      `fedjax_diff.latent`).
     labels: int32 [num_clients, max_examples], zero beyond `counts`.
     counts: int32 [num_clients], examples held by each client (0 = padding).
   """
@@ -66,7 +68,8 @@ def stack_clients(images: np.ndarray, labels: np.ndarray,
   """Stacks a partition into padded numpy arrays `[clients, max_n, ...]`.
 
   Args:
-    images: uint8 [N, H, W, C] examples of the whole dataset.
+    images: [N, H, W, C] examples of the whole dataset (uint8 pixels or
+      float32 latents; the dtype is kept).
     labels: int [N].
     parts: one index array per client (from `fedjax_diff.data.partition`).
     num_slots: total client rows; rows beyond `len(parts)` are empty padding
@@ -85,7 +88,7 @@ def stack_clients(images: np.ndarray, labels: np.ndarray,
   counts = np.array([len(p) for p in parts] + [0] * (num_slots - len(parts)),
                     np.int32)
   max_n = int(counts.max(initial=1))
-  out_images = np.zeros((num_slots, max_n) + images.shape[1:], np.uint8)
+  out_images = np.zeros((num_slots, max_n) + images.shape[1:], images.dtype)
   out_labels = np.zeros((num_slots, max_n), np.int32)
   for i, idx in enumerate(parts):
     out_images[i, :len(idx)] = images[idx]

@@ -28,6 +28,7 @@ from fedjax_diff import data as data_lib
 from fedjax_diff import evaluators as evaluators_lib
 from fedjax_diff import experiment
 from fedjax_diff import federation
+from fedjax_diff import latent as latent_lib
 from fedjax_diff import models
 from fedjax_diff import progress as progress_lib
 from fedjax_diff import state as state_lib
@@ -116,6 +117,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   `run` (`algorithms.Run`) holds the data on the mesh, the (possibly
   pruned) model's noise predictor and loss, the optimizers with their
   client transforms and the upload path.
+
+  Latent diffusion (`config.latent`, `fedjax_diff.latent`): every client's
+  images are encoded once, here, before any round (the encoder is
+  deterministic, so encoding the train split and then partitioning it is
+  each client encoding its own images); the clients hold float32 latents
+  on their devices and the model is built for the latent shape.
   """
   seed = int(config.seed)
   mesh = mesh or federation.client_mesh()
@@ -123,9 +130,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   parts = partition(train.labels, config.partition,
                     int(config.federation.num_clients), seed)
   report_partition(train, parts, workdir)
+  space, latents = latent_lib.from_config(config, train.images, log)
+  examples = train.images if space is None else latents
   client_data = federation.shard_client_data(
-      federation.stack_clients(train.images, train.labels, parts), mesh)
-  image_shape = tuple(train.images.shape[1:])
+      federation.stack_clients(examples, train.labels, parts), mesh)
+  image_shape = tuple(examples.shape[1:])
   model, params = experiment.init_model(config, image_shape)
   log(f'UNet: {models.count_params(params):,} parameters.')
   # FedPhD's structured pruning (config.pruning; None = none): from here on
@@ -141,11 +150,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
       config, workdir, model, params, image_shape=image_shape,
       loss_fn_for=lambda m: experiment.make_loss_fn(models.make_eps_fn(m),
                                                     schedule, config),
-      images=train.images, labels=train.labels, seed=seed, log=log)
+      images=examples, labels=train.labels, seed=seed, log=log)
   run = experiment.make_run(
       config, model=model, params=params, data=client_data,
       num_clients=len(parts), num_classes=train.num_classes,
-      image_shape=image_shape, mesh=mesh, workdir=workdir, log=log)
+      image_shape=image_shape, mesh=mesh, workdir=workdir, log=log,
+      latent=space)
   return run, params, test, pruning_info
 
 
@@ -171,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   evaluators = evaluators_lib.build_evaluators(
       config.get('evaluators'), evaluators_lib.EvalContext(
           eps_fn=run.eps_fn, schedule=run.schedule, test_data=test,
-          image_shape=run.image_shape,
+          image_shape=tuple(test.images.shape[1:]), latent=run.latent,
           num_classes=config.model.get('num_classes'), workdir=workdir,
           seed=int(config.seed), write_images=metrics_log.write_images,
           params=eval_params))

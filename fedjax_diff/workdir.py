@@ -53,7 +53,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def check_and_write_config(workdir: str,
-                           config: ml_collections.ConfigDict) -> None:
+                           config: ml_collections.ConfigDict,
+                           resumable: tuple[str, ...] = RESUMABLE_CHANGES
+                           ) -> None:
   """Writes config.json, or checks a resumed run against the one there.
 
   The configs are compared field by field (flattened). A field that only
@@ -63,7 +65,8 @@ def check_and_write_config(workdir: str,
 
   Raises:
     ValueError: the workdir holds a run of a different configuration (other
-      than the fields in RESUMABLE_CHANGES); nothing in it is touched.
+      than the fields in `resumable`, by default RESUMABLE_CHANGES; a
+      name ending in '.' covers a block); nothing in it is touched.
   """
   path = os.path.join(workdir, 'config.json')
   new = config_to_json(config)
@@ -75,7 +78,7 @@ def check_and_write_config(workdir: str,
         k for k in set(old) | set(cur)
         if (k not in old or k not in cur or old[k] != cur[k]) and not any(
             k == r or (r.endswith('.') and k.startswith(r))
-            for r in RESUMABLE_CHANGES))
+            for r in resumable))
     if diff:
       lines = '\n'.join(
           f'  {k}: {_describe(old, k)} in the workdir, {_describe(cur, k)} now'
@@ -89,7 +92,7 @@ def check_and_write_config(workdir: str,
           f'{workdir} holds a run with a different config; resuming it with '
           f'this one would mix two experiments:\n{lines}{hint}\nUse a new '
           '--workdir, or the workdir\'s own config.json. Only '
-          f'{", ".join(RESUMABLE_CHANGES)} may change on resume.')
+          f'{", ".join(resumable)} may change on resume.')
   if is_writer():
     os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:

@@ -151,7 +151,9 @@ def train_client(start, images, labels, count, key, round_idx, *,
   for s in range(local_steps):
     _, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
     idx = batch_indices(order_key, count, images.shape[0], s, batch_size)
-    x = jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0
+    x = jnp.asarray(images[idx], jnp.float32)
+    if images.dtype == np.uint8:   # pixels; float data (latents) are as is.
+      x = x / 127.5 - 1.0
     value, grads = grad_fn(params, x, jnp.asarray(labels[idx]), loss_key)
     if grads_log is not None:
       grads_log.append(grads)

@@ -102,7 +102,8 @@ class Run:
       (`federation.shard_client_data`; rows past `num_clients` are padding).
     num_clients: the federation's real clients.
     num_classes: classes of the dataset's labels.
-    image_shape: (H, W, C).
+    image_shape: (H, W, C) of what the model trains on and samples: the
+      images, or the latents of a latent diffusion run.
     eps_fn: the model's noise predictor `(params, x_t, t, labels, *, train,
       rng)`.
     schedule: the diffusion noise schedule.
@@ -115,6 +116,8 @@ class Run:
     model: the (possibly pruned) model module, for tools that count its
       FLOPs or rebuild it; None where an algorithm is built without one.
     log: where progress lines go (process 0 prints).
+    latent: the first stage (`fedjax_diff.latent.LatentSpace`) when `data`
+      holds latents (latent diffusion), else None. Never trained or sent.
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -132,6 +135,7 @@ class Run:
   param_shapes: PyTree
   model: Any = None
   log: Callable[[str], None] = print
+  latent: Any = None
 
 
 def round_clients(config: ml_collections.ConfigDict, num_clients: int,

@@ -2,7 +2,8 @@
 
   * `Generator`: evaluation samples from the global EMA model, drawn with the
     DDIM sampler (Song et al. 2021, arXiv 2010.02502) in jitted batches, with
-    the same noise every round. Evaluators whose entries ask for the same
+    the same noise every round (`base.make_drawer`: decoded through the
+    first stage in latent diffusion). Evaluators whose entries ask for the same
     samples (num_samples, num_steps, eta, guidance_scale, method) share one
     draw per round and one compiled sampler.
   * `features_from_config`: the feature space of FID and precision/recall,
@@ -31,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_diff import data as data_lib
-from fedjax_diff.diffusion import sample
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
+from fedjax_diff.evaluators.base import make_drawer
 from fedjax_diff.metrics import mnist_classifier
 
-_DRAWERS: dict = {}
 _LAST_DRAW: dict = {}
 _REFERENCE: dict = {}
 _FEATURES: dict = {}
@@ -55,24 +55,12 @@ class Generator:
     num_steps = int(cfg.get('num_steps', 50))
     eta = float(cfg.get('eta', 0.0))
     scale = float(cfg.get('guidance_scale', 1.0))
-    guidance = None if scale == 1.0 or ctx.num_classes is None else scale
-    shape = (batch,) + tuple(ctx.image_shape)
     self._batch = batch
     self._ctx = ctx
     self._key = (id(ctx), self.num_samples, batch, method, num_steps, eta,
-                 guidance)
-    drawer_key = (id(ctx.eps_fn), id(ctx.schedule), shape, method, num_steps,
-                  eta, guidance, ctx.num_classes)
-    if drawer_key not in _DRAWERS:
-
-      def draw(params, key, labels):
-        return sample(ctx.eps_fn, params, ctx.schedule, key, shape,
-                      method=method, num_steps=num_steps, eta=eta,
-                      labels=labels, guidance_scale=guidance,
-                      null_label=ctx.num_classes)
-
-      _DRAWERS[drawer_key] = jax.jit(draw)
-    self._draw = _DRAWERS[drawer_key]
+                 scale)
+    self._draw = make_drawer(ctx, batch, method=method, num_steps=num_steps,
+                             eta=eta, guidance_scale=scale)
     num_batches = -(-self.num_samples // batch)
     self.labels = (None if ctx.num_classes is None else
                    np.arange(num_batches * batch) % ctx.num_classes)

@@ -9,15 +9,21 @@ Which model the evaluators judge is `config.eval_params` (`EvalContext.params`):
 'ema' (default), the exponential moving average of the global parameters that
 DDPM samples from (Ho et al. 2020, arXiv 2006.11239), or 'raw', the global
 model itself, which FedPhD's code evaluates (arXiv 2507.06449).
+
+Every evaluator that samples draws through `make_drawer`: the sampler in
+the model's space, then, in latent diffusion (`EvalContext.latent`), the
+first stage's decoder, so that every figure is of images.
 """
 
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Protocol
 
+import jax
 import ml_collections
 
 from fedjax_diff.data import Dataset
 from fedjax_diff.diffusion import NoiseSchedule
+from fedjax_diff.diffusion import sample
 from fedjax_diff.state import ServerState
 
 
@@ -38,15 +44,61 @@ class EvalContext:
   eps_fn: Callable[..., Any]
   schedule: NoiseSchedule
   test_data: Dataset
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, int, int]   # of the images evaluators judge.
   num_classes: Optional[int]   # of the model's conditioning; None = uncond.
   workdir: str
   seed: int
   write_images: Callable[[int, Mapping[str, Any]], None]
   params: str = 'ema'   # which model is evaluated: 'ema' or 'raw'.
+  # The first stage of latent diffusion (`fedjax_diff.latent.LatentSpace`):
+  # the model samples latents, decoded into images; None: pixel space.
+  latent: Any = None
 
   def __post_init__(self):
     check_params(self.params)
+
+  @property
+  def sample_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of what the model samples: images or latents."""
+    return tuple(self.image_shape if self.latent is None else
+                 self.latent.shape)
+
+
+_DRAWERS: dict = {}
+
+
+def make_drawer(ctx: EvalContext, batch: int, *, method: str = 'ddim',
+                num_steps: int = 50, eta: float = 0.0,
+                guidance_scale: Optional[float] = None) -> Callable:
+  """A jitted `draw(params, key, labels) -> images [batch, H, W, C]` in
+  [−1, 1]: the sampler (`diffusion.sample`) from x_T ~ N(0, I) of the
+  model's shape, then the decoder of `ctx.latent` if any. Latents are not
+  clipped to [−1, 1] while sampling (LDM's `clip_denoised=False`); pixels
+  are. One compiled drawer per distinct setting, shared by evaluators.
+  `labels` is None for an unconditional model.
+  """
+  guidance = (None if guidance_scale in (None, 1.0) or ctx.num_classes is None
+              else float(guidance_scale))
+  shape = (int(batch),) + ctx.sample_shape
+  key = (id(ctx.eps_fn), id(ctx.schedule), id(ctx.latent), shape, method,
+         int(num_steps), float(eta), guidance, ctx.num_classes)
+  if key not in _DRAWERS:
+    latent = ctx.latent
+
+    def draw(params, decoder_params, rng, labels):
+      x = sample(ctx.eps_fn, params, ctx.schedule, rng, shape, method=method,
+                 num_steps=num_steps, eta=eta, labels=labels,
+                 guidance_scale=guidance, null_label=ctx.num_classes,
+                 clip_denoised=latent is None)
+      return x if latent is None else latent.decode(x, decoder_params)
+
+    # The autoencoder's parameters are an argument, not constants baked
+    # into the compiled program (84M of them for LDM's KL-f8).
+    jitted = jax.jit(draw)
+    first_stage = None if latent is None else latent.params
+    _DRAWERS[key] = lambda params, rng, labels: jitted(params, first_stage,
+                                                       rng, labels)
+  return _DRAWERS[key]
 
 
 def evaluated_params(state: ServerState, ctx: EvalContext):

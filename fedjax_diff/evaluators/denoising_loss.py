@@ -3,7 +3,9 @@
     L = E_{x0 ∈ test, t, ε} ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²
 
 (Ho et al. 2020, eq. 14), estimated with a fixed key so that values are
-comparable across rounds and runs. `heldout_loss` is the loss of the model
+comparable across rounds and runs. In latent diffusion x0 is the test
+image's latent (`EvalContext.latent`, encoded once here), the space the
+model is trained in. `heldout_loss` is the loss of the model
 the evaluators judge (`config.eval_params`: the EMA by default, or the raw
 global model); the other one is reported too, as `heldout_loss_raw` or
 `heldout_loss_ema`.
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_diff import client
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
@@ -31,8 +34,10 @@ class Evaluator:
     if min(want, n) < batch:
       batch = min(want, n)
     used = num_batches * batch
-    images = ctx.test_data.images[:used].reshape(
-        (num_batches, batch) + ctx.test_data.images.shape[1:])
+    images = ctx.test_data.images[:used]
+    if ctx.latent is not None:
+      images = ctx.latent.encode_images(images)
+    images = images.reshape((num_batches, batch) + images.shape[1:])
     labels = ctx.test_data.labels[:used].reshape(num_batches, batch)
     self._images = jnp.asarray(images)
     self._labels = jnp.asarray(labels)
@@ -41,7 +46,7 @@ class Evaluator:
     key = jax.random.PRNGKey(ctx.seed + 7919)
 
     def batch_loss(params, i):
-      x = self._images[i].astype(jnp.float32) / 127.5 - 1.0
+      x = client.to_float_images(self._images[i])
       return diffusion_loss(
           ctx.eps_fn, params, ctx.schedule, x, jax.random.fold_in(key, i),
           labels=self._labels[i] if conditional else None, train=False)
