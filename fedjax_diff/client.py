@@ -94,17 +94,22 @@ def make_local_training(loss_fn: LossFn,
   """Local training of one client: `local_steps` steps under `lax.scan`.
 
   Returns `train(start_params, images, labels, count, key, round,
-  opt_state=None, extra_args=None) -> (params, mean_loss, opt_state)`, with
-  `images` the client's uint8 `[max_n, H, W, C]`. The optimizer is called
-  as `update(grads, state, params, global_params=start_params,
-  global_step=round·local_steps + s, **extra_args)`; it starts from
-  `opt_state` when given (a client that keeps its optimizer state across
-  rounds), else from a fresh `init` (FedAvg). Keys: see the module
-  docstring.
+  opt_state=None, extra_args=None, num_steps=None) -> (params, mean_loss,
+  opt_state)`, with `images` the client's uint8 `[max_n, H, W, C]`. The
+  optimizer is called as `update(grads, state, params,
+  global_params=start_params, global_step=round·local_steps + s,
+  **extra_args)`; it starts from `opt_state` when given (a client that keeps
+  its optimizer state across rounds), else from a fresh `init` (FedAvg).
+  `num_steps` (a traced int, ≤ local_steps; a straggler,
+  `strategies.faults`) stops the client after its first `num_steps` steps:
+  the scan still has `local_steps` iterations (one program for every
+  client), but steps s ≥ num_steps leave the parameters and the optimizer
+  state as they are, and the mean loss is over the steps run. Keys: see the
+  module docstring.
   """
 
   def train(start_params, images, labels, count, key, round_idx,
-            opt_state=None, extra_args=None):
+            opt_state=None, extra_args=None, num_steps=None):
     order_key, train_key = jax.random.split(key)
     order = epoch_order(order_key, count, images.shape[0])
     if opt_state is None:
@@ -117,14 +122,23 @@ def make_local_training(loss_fn: LossFn,
       x, y = client_batch(images, labels, order, count, s, batch_size,
                           flip_key, random_flip)
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y, loss_key)
-      updates, opt_state = client_optimizer.update(
+      updates, new_opt_state = client_optimizer.update(
           grads, opt_state, params, global_params=start_params,
           global_step=round_idx * local_steps + s, **extra_args)
-      return (optax.apply_updates(params, updates), opt_state), loss
+      new = (optax.apply_updates(params, updates), new_opt_state)
+      if num_steps is not None:
+        active = s < num_steps
+        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new,
+                           (params, opt_state))
+        loss = jnp.where(active, loss, 0.0)
+      return new, loss
 
     (params, opt_state), losses = jax.lax.scan(
         step, (start_params, opt_state), jnp.arange(local_steps))
-    return params, losses.mean(), opt_state
+    if num_steps is None:
+      return params, losses.mean(), opt_state
+    return (params, losses.sum() / jnp.maximum(num_steps, 1).astype(
+        losses.dtype), opt_state)
 
   return train
 
@@ -146,6 +160,8 @@ class ClientUpdate(NamedTuple):
     loss: mean local training loss.
     norm: ‖Δ_k‖, the client's drift from its start.
     upload_error: ‖Δ̂_k − Δ_k‖ (0 without an upload path).
+    steps: the local steps it ran (int32) when capped by `num_steps`;
+      None: all `local_steps`.
   """
   update: PyTree
   params: PyTree
@@ -153,6 +169,7 @@ class ClientUpdate(NamedTuple):
   loss: jax.Array
   norm: jax.Array
   upload_error: jax.Array
+  steps: Any = None
 
 
 def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
@@ -164,17 +181,20 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
 
   Returns:
     `client_update(start, data: LocalData, key, rows, round,
-    extra_args=None) -> ClientUpdate`. When `rows` holds the client's
-    optimizer state (`OPTIMIZER`), training continues from it and the state
-    after the last local step replaces it; the upload's state (`UPLOAD`)
-    likewise.
+    extra_args=None, num_steps=None) -> ClientUpdate`. When `rows` holds the
+    client's optimizer state (`OPTIMIZER`), training continues from it and
+    the state after the last local step replaces it; the upload's state
+    (`UPLOAD`) likewise. `num_steps`: a straggler's step count (see
+    `make_local_training`).
   """
 
   def client_update(start, data: LocalData, key, rows, round_idx,
-                    extra_args=None):
+                    extra_args=None, num_steps=None):
     params, loss, opt_state = train(start, data.images, data.labels,
                                     data.count, key, round_idx,
-                                    rows.get(OPTIMIZER), extra_args)
+                                    rows.get(OPTIMIZER), extra_args,
+                                    num_steps)
+    steps = None if num_steps is None else jnp.asarray(num_steps, jnp.int32)
     rows = dict(rows)
     if OPTIMIZER in rows:
       rows[OPTIMIZER] = opt_state
@@ -182,7 +202,7 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     norm = tree_norm(delta)
     if upload is None:
       return ClientUpdate(delta, params, rows, loss, norm,
-                          jnp.zeros_like(norm))
+                          jnp.zeros_like(norm), steps)
     ctx = upload_lib.UploadContext(global_params=start, params=params,
                                    labels=data.labels, count=data.count,
                                    round=round_idx)
@@ -194,7 +214,7 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     if UPLOAD in rows:
       rows[UPLOAD] = z
     err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
-    return ClientUpdate(delta_hat, params, rows, loss, norm, err)
+    return ClientUpdate(delta_hat, params, rows, loss, norm, err, steps)
 
   return client_update
 

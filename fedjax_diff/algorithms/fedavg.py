@@ -13,6 +13,9 @@ arXiv 2407.14730) is FedAvg of diffusion UNets. Round r:
    (Reddi et al. 2021, arXiv 2003.00295);
 5. EMA ← d·EMA + (1 − d)·θ, with warmup (`diffusion.ema.ema_decay_at`).
 
+A client whose upload is not finite is left out of the mean, and a round
+without any client left changes nothing (`strategies.faults`).
+
 FedDM-prox (the proximal term), FedDM-quant (a quantizing upload path),
 pruning masks and kept client optimizer state are transforms and options
 that compose with it; they live in `strategies/` and `client.py`.
@@ -37,7 +40,7 @@ class Algorithm(base.Algorithm):
     super().__init__(run)
     self.aggregator = aggregator_lib.weighted_mean()
 
-  def make_round(self, donate: bool = True):
+  def round_step(self):
     server_opt = self.run.server_optimizer
     run_clients = self.client_round(
         self.client_fn(lambda shared, _: shared[0]), self.aggregator)
@@ -53,4 +56,4 @@ class Algorithm(base.Algorithm):
                                 client_states=rows),
               engine.client_metrics(outputs))
 
-    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+    return round_fn

@@ -17,6 +17,7 @@ import numpy as np
 from fedjax_diff import image_grid
 from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import sample
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 
 
@@ -24,23 +25,31 @@ class Evaluator:
   """Config: every_rounds, num_samples, method, num_steps, eta,
   guidance_scale."""
 
+  FIELDS = {'every_rounds': base.EVERY_ROUNDS,
+            'num_samples': base.Field(64, 'int', low=1),
+            'method': base.Field('ddim', 'str', choices=('ddim', 'ddpm')),
+            'num_steps': base.Field(50, 'int', low=1),
+            'eta': base.Field(0.0, 'float', low=0.0),
+            'guidance_scale': base.Field(1.0, 'float')}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.samples')
+    self.every_rounds = int(cfg.every_rounds)
     self._ctx = ctx
-    self.num_samples = int(cfg.get('num_samples', 64))
+    self.num_samples = int(cfg.num_samples)
     shape = (self.num_samples,) + tuple(ctx.image_shape)
     labels = None
     guidance = None
     nrow = None
     if ctx.num_classes is not None:
       labels = jnp.arange(self.num_samples) % ctx.num_classes
-      scale = float(cfg.get('guidance_scale', 1.0))
+      scale = float(cfg.guidance_scale)
       guidance = None if scale == 1.0 else scale
       nrow = ctx.num_classes if self.num_samples % ctx.num_classes == 0 else None
     self._nrow = nrow
-    method = cfg.get('method', 'ddim')
-    num_steps = int(cfg.get('num_steps', 50))
-    eta = float(cfg.get('eta', 0.0))
+    method = cfg.method
+    num_steps = int(cfg.num_steps)
+    eta = float(cfg.eta)
 
     def draw(params, key):
       return sample(ctx.eps_fn, params, ctx.schedule, key, shape,

@@ -122,7 +122,9 @@ def test_client_result_independent_of_slot_and_devices():
   for num_devices in (1, 8):
     algorithm, sharded = lib.make_algorithm(data, num_devices)
     _, metrics, _ = lib.run_rounds(algorithm, sharded, [[3, 7, 12]])
-    ids, _ = federation.round_slots(np.array([3, 7, 12]), num_devices, 16)
+    ids, _ = federation.round_slots(
+        np.array([3, 7, 12]), num_devices, 16,
+        federation.max_slots_per_device([[3, 7, 12]], 16, num_devices))
     w = metrics[0]['client_weights']
     losses[num_devices] = dict(zip(ids[w > 0].tolist(),
                                    metrics[0]['client_losses'][w > 0]))

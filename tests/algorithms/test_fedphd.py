@@ -46,7 +46,8 @@ def make_fedphd(data, num_devices=1, mode='map', chunk_size=None, **kw):
       data, num_devices, name='fedphd',
       **{'hierarchy': hierarchy(**kw), 'federation.mode': mode,
          'federation.chunk_size': chunk_size or 0,
-         'federation.num_clients': NUM_CLIENTS})
+         'federation.num_clients': NUM_CLIENTS,
+         'federation.clients_per_round': len(ROUND_IDS[0])})
 
 
 def slots(ids, algorithm, sharded):
