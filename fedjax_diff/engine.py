@@ -295,8 +295,9 @@ def make_client_round(client_fn: ClientFn, *, mesh: Mesh, mode: str = 'auto',
 
 def client_metrics(outputs: dict) -> dict:
   """A round's client figures from `outputs` of `client.ClientUpdate`
-  fields: `loss` (weighted mean over the clients kept; NaN when none was)
-  and per slot `client_losses`, `client_weights` (0: padding or dropped),
+  fields: `loss` (weighted mean over the clients kept; NaN when none was),
+  `clients_dropped` (real clients given weight 0) and per slot
+  `client_losses`, `client_weights` (0: padding or dropped),
   `client_mask` (0: padding), `client_update_norms`,
   `client_upload_errors`, `client_nonfinite` (1: dropped for a non-finite
   upload or loss) and, with fault injection, `client_faults`
@@ -307,6 +308,7 @@ def client_metrics(outputs: dict) -> dict:
   out = {
       'loss': jnp.where(total > 0, jnp.sum(jnp.where(w > 0, losses, 0) * w) /
                         jnp.maximum(total, 1e-30), jnp.nan),
+      'clients_dropped': jnp.sum((outputs['mask'] > 0) & (w == 0)),
       'client_losses': losses,
       'client_weights': w,
       'client_mask': outputs['mask'],

@@ -24,9 +24,11 @@ SERVER_OPTIMIZERS = ('sgd', 'adam')
 
 
 def number_field(cfg, name: str, where: str, default, *, low: float,
-            high: Optional[float] = None, low_open: bool = False,
-            high_open: bool = True, hint: str = '') -> float:
-  """`cfg.name` as a float in the range given, or a ValueError naming it."""
+                 high: Optional[float] = None, low_open: bool = False,
+                 high_open: bool = True, hint: str = '') -> float:
+  """`cfg.name` (`default` when absent or None) as a finite float in
+  [low, high) (open or closed ends as asked), or a ValueError naming
+  `where.name`, the range and `hint`."""
   value = cfg.get(name, default)
   if value is None:
     value = default
@@ -42,6 +44,7 @@ def number_field(cfg, name: str, where: str, default, *, low: float,
 
 
 def steps_field(cfg, name: str, where: str) -> int:
+  """`cfg.name` as an int >= 0 (0 when absent), or a ValueError."""
   value = cfg.get(name, 0)
   if value is None:
     value = 0
@@ -104,11 +107,12 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
   if name not in CLIENT_OPTIMIZERS:
     raise ValueError(f'Unknown client optimizer {name!r} in {where}.name; '
                      f'use one of {CLIENT_OPTIMIZERS}.')
-  lr = number_field(cfg, 'learning_rate', where, None, low=0.0, low_open=True,
-               hint='(Adam on a DDPM UNet: 1e-4 to 2e-3.)')
+  lr = number_field(cfg, 'learning_rate', where, None, low=0.0,
+                    low_open=True,
+                    hint='(Adam on a DDPM UNet: 1e-4 to 2e-3.)')
   warmup = steps_field(cfg, 'warmup_steps', where)
   clip = number_field(cfg, 'grad_clip', where, 0.0, low=0.0,
-                 hint='(0 disables clipping.)')
+                      hint='(0 disables clipping.)')
   chain = list(extra or [])
   if clip:
     chain.append(optax.clip_by_global_norm(clip))
@@ -138,12 +142,12 @@ def server_optimizer(cfg: ml_collections.ConfigDict
   if name not in SERVER_OPTIMIZERS:
     raise ValueError(f'Unknown server optimizer {name!r} in {where}.name; '
                      f'use one of {SERVER_OPTIMIZERS}.')
-  lr = number_field(cfg, 'learning_rate', where, 1.0, low=0.0, low_open=True,
-               hint='(FedAvg: sgd with 1.0.)')
+  lr = number_field(cfg, 'learning_rate', where, 1.0, low=0.0,
+                    low_open=True, hint='(FedAvg: sgd with 1.0.)')
   if name == 'sgd':
     momentum = number_field(cfg, 'momentum', where, 0.0, low=0.0, high=1.0)
     return optax.sgd(lr, momentum=momentum or None)
-  return optax.adam(lr, b1=number_field(cfg, 'b1', where, 0.9, low=0.0, high=1.0),
-                    b2=number_field(cfg, 'b2', where, 0.99, low=0.0, high=1.0),
-                    eps=number_field(cfg, 'eps', where, 1e-3, low=0.0,
-                                low_open=True))
+  return optax.adam(
+      lr, b1=number_field(cfg, 'b1', where, 0.9, low=0.0, high=1.0),
+      b2=number_field(cfg, 'b2', where, 0.99, low=0.0, high=1.0),
+      eps=number_field(cfg, 'eps', where, 1e-3, low=0.0, low_open=True))

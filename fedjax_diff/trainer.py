@@ -256,44 +256,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   examples = (algorithm.clients_per_round * algorithm.local_steps *
               algorithm.batch_size)
   t_last, r_last = time.perf_counter(), start
-  for r in range(start, num_rounds):
-    slots = algorithm.slots(r)
-    state, metrics = round_fn(state, run.data, *slots)
-    done = r + 1
-    clients = jax.device_get(metrics)
-    if faults_lib.diverged(clients):
-      raise diverged(config, workdir, manager, done, clients_message(
-          clients, slots[0]))
-    counts = faults_lib.round_counts(clients)
-    kept = int(np.sum(np.asarray(clients['client_mask']) > 0)) - counts[
-        'clients_dropped']
-    # A round without any client kept changes nothing (faults.py): no server
-    # step after it either.
-    state, row = (algorithm.after_round(state, done) if kept else (state, {}))
-    if not bool(_server_finite(state)):
-      raise diverged(config, workdir, manager, done, state_message(state))
-    if done % log_every == 0 or done == num_rounds:
-      loss = float(clients['loss'])
-      now = time.perf_counter()
-      seconds = (now - t_last) / (done - r_last)
-      t_last, r_last = now, done
-      row.update({'loss': loss, 'seconds': seconds,
-                  'client_examples_per_second': examples / seconds,
-                  **algorithm.round_figures(clients, r)})
-      dropped = counts['clients_dropped']
-      dropped = (f' | {dropped} of {kept + dropped} clients dropped'
-                 if dropped else '')
-      progress.update(done, f'loss {loss:.4f}{dropped}')
-    figures = evaluate(evaluators, state, done, num_rounds)
-    row.update(figures)
-    if row:
-      metrics_log.write(done, row)
-    if figures:
-      t_last = time.perf_counter()  # evaluation time is not training time.
-    if done == num_rounds or (ckpt_every > 0 and done % ckpt_every == 0):
-      workdir_lib.save_checkpoint(manager, done, state)
-  metrics_log.close()
-  manager.close()
+  try:
+    for r in range(start, num_rounds):
+      slots = algorithm.slots(r)
+      state, metrics = round_fn(state, run.data, *slots)
+      done = r + 1
+      clients = jax.device_get(metrics)
+      if faults_lib.diverged(clients):
+        raise diverged(config, workdir, manager, done, clients_message(
+            clients, slots[0]))
+      counts = faults_lib.round_counts(clients)
+      kept = int(np.sum(np.asarray(clients['client_mask']) > 0)) - counts[
+          'clients_dropped']
+      # A round without any client kept changes nothing (faults.py): no
+      # server step after it either.
+      state, row = (algorithm.after_round(state, done) if kept else
+                    (state, {}))
+      if not bool(_server_finite(state)):
+        raise diverged(config, workdir, manager, done, state_message(state))
+      if done % log_every == 0 or done == num_rounds:
+        loss = float(clients['loss'])
+        now = time.perf_counter()
+        seconds = (now - t_last) / (done - r_last)
+        t_last, r_last = now, done
+        row.update({'loss': loss, 'seconds': seconds,
+                    'client_examples_per_second': examples / seconds,
+                    **algorithm.round_figures(clients, r)})
+        dropped = counts['clients_dropped']
+        dropped = (f' | {dropped} of {kept + dropped} clients dropped'
+                   if dropped else '')
+        progress.update(done, f'loss {loss:.4f}{dropped}')
+      figures = evaluate(evaluators, state, done, num_rounds)
+      row.update(figures)
+      if row:
+        metrics_log.write(done, row)
+      if figures:
+        t_last = time.perf_counter()  # evaluation time is not training time.
+      if done == num_rounds or (ckpt_every > 0 and done % ckpt_every == 0):
+        workdir_lib.save_checkpoint(manager, done, state)
+  finally:
+    metrics_log.close()
+    manager.close()
   summary = algorithm.summary(num_rounds, state)
   log(algorithm.format_summary(summary))
   if pruning_info is not None:
@@ -306,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 def _server_finite(state: ServerState) -> jax.Array:
   """Whether the server's part of the state is finite (the clients' rows
   are checked per client by fault isolation, and whole before a save)."""
-  return faults_lib.all_finite((state.params, state.ema_params,
-                                state.opt_state, state.algorithm))
+  return faults_lib.state_finite((state.params, state.ema_params,
+                                  state.opt_state, state.algorithm))
 
 
 def clients_message(clients, client_ids) -> str:

@@ -18,7 +18,7 @@ The blocks and their parsers:
       group_lasso                            strategies.build.client_transforms
     config.server_optimizer                optimizers.server_optimizer
     config.upload                          strategies.build.upload_settings
-    config.pruning                         strategies.pruning_schedule.config_from
+    config.pruning                         pruning_schedule.config_from
     config.model                           models.unet_from_config, check_config
     config.diffusion                       diffusion.schedule_from_config,
                                              losses.cond_drop_prob_from_config

@@ -259,7 +259,7 @@ def checkpoint_manager(workdir: str, max_to_keep: int = 3
                                            create=True))
 
 
-_check_finite = jax.jit(faults_lib.all_finite)
+_check_finite = jax.jit(faults_lib.state_finite)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state) -> None:
@@ -331,7 +331,9 @@ def resume(workdir: str, like, log: Callable[[str], None] = print):
     try:
       state, _ = restore_checkpoint(manager, like, step)
     except Exception as e:  # pylint: disable=broad-except
-      reason = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+      first = (str(e).splitlines() or [''])[0]
+      reason = (f'{type(e).__name__}: '
+                f'{first[:240]}{"..." if len(first) > 240 else ""}')
     else:
       if bool(_check_finite(state)):
         if bad:

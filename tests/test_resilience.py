@@ -2,10 +2,10 @@
 
 Injected client faults finish with a finite model and are counted in
 metrics.jsonl; a diverging run stops without saving a non-finite state and
-names its last finite checkpoint; a resume survives a torn metrics line, a
-corrupt latest checkpoint and a truncated _METADATA; a run killed with
-SIGKILL at random moments and resumed ends bit for bit where an
-uninterrupted run does.
+names its last finite checkpoint; a resume survives a torn metrics line,
+truncated array files and a truncated _METADATA; a run killed with SIGKILL
+at random moments and resumed ends bit for bit where an uninterrupted run
+does.
 """
 
 import json
@@ -81,7 +81,7 @@ def test_injected_faults_finish_and_are_counted(tmp_path):
   workdir = str(tmp_path)
   config = tiny(**{'faults.dropout': 0.33, 'faults.nan': 0.34})
   state = trainer.train_and_evaluate(config, workdir)
-  assert bool(faults.all_finite(state))
+  assert bool(faults.state_finite(state))
   init = tiny()
   rows = workdir_lib.read_metrics(workdir)
   assert [r['round'] for r in rows] == [1, 2, 3]
@@ -154,28 +154,37 @@ def _truncate(path):
     f.truncate(max(1, os.path.getsize(path) // 2))
 
 
-@pytest.mark.parametrize('damage', ['array_file', 'metadata'])
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, straight, damage,
-                                              capsys):
-  """The newest checkpoint is damaged (an array file or its _METADATA
-  truncated): the resume warns naming it, moves it aside, restarts from
-  the previous one and ends where the uninterrupted run does."""
+def _train_subprocess(workdir, num_rounds, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, 'launch/train.py', '--config=configs/test.py:tiny',
+       f'--workdir={workdir}', f'--config.num_rounds={num_rounds}',
+       '--jax_cache_dir='],
+      cwd=launch_scripts.ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_corrupt_checkpoints_fall_back(tmp_path, straight):
+  """The newest checkpoint has truncated array files, the one before a
+  truncated _METADATA: a new process warns naming each, moves them aside,
+  resumes from the newest intact one and ends where the uninterrupted run
+  does. (A new process, as after a crash: one that wrote the arrays may
+  still hold them in TensorStore's cache.)"""
   workdir = _first_run(tmp_path)
-  step_dir = os.path.join(workdir, 'checkpoints', str(ROUNDS), 'default')
-  if damage == 'metadata':
-    _truncate(os.path.join(step_dir, '_METADATA'))
-  else:
-    data = os.path.join(step_dir, 'ocdbt.process_0', 'd')
+  step_dir = lambda step: os.path.join(workdir, 'checkpoints', str(step),
+                                       'default')
+  for data in (os.path.join(step_dir(3), 'd'),
+               os.path.join(step_dir(3), 'ocdbt.process_0', 'd')):
     for name in os.listdir(data):
       _truncate(os.path.join(data, name))
-  capsys.readouterr()
-  state = trainer.train_and_evaluate(tiny(), workdir)
-  out = capsys.readouterr().out
-  assert f'checkpoint {ROUNDS} in {workdir}/checkpoints is unusable' in out
-  assert f'Resumed from {workdir}/checkpoints at round {ROUNDS - 1}' in out
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints_bad', str(ROUNDS)))
-  assert checkpoint_steps(workdir)[-1] == ROUNDS
-  assert_same_leaves(jax.tree.leaves(straight[1]), jax.tree.leaves(state))
+  _truncate(os.path.join(step_dir(2), '_METADATA'))
+  proc = _train_subprocess(workdir, ROUNDS)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  for step in (3, 2):
+    assert f'checkpoint {step} in {workdir}/checkpoints is unusable' in out
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints_bad', str(step)))
+  assert f'Resumed from {workdir}/checkpoints at round 1' in out
+  assert checkpoint_steps(workdir) == [1, 2, 3]
   assert_same_leaves(saved_state(straight[0], ROUNDS),
                      saved_state(workdir, ROUNDS))
   assert rounds_logged(workdir) == [1, 2, 3]
@@ -194,12 +203,7 @@ def _run_until_killed(workdir, rng, kill_after_round):
   first round (kill_after_round None) or a random delay after it printed
   round `kill_after_round` (in training, or while saving a checkpoint).
   Returns whether it was killed (rather than finishing)."""
-  proc = subprocess.Popen(
-      [sys.executable, 'launch/train.py', '--config=configs/test.py:tiny',
-       f'--workdir={workdir}', f'--config.num_rounds={KILL_ROUNDS}',
-       '--jax_cache_dir='],
-      cwd=launch_scripts.ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+  proc = _train_subprocess(workdir, KILL_ROUNDS)
   ready = threading.Event()
   lines = []
 
@@ -242,13 +246,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_for_bit(tmp_path):
   for after in (None, second, rng.randint(second + 2, KILL_ROUNDS - 3)):
     kills += _run_until_killed(workdir, rng, after)
   assert kills == 3
-  proc = subprocess.run(
-      [sys.executable, 'launch/train.py', '--config=configs/test.py:tiny',
-       f'--workdir={workdir}', f'--config.num_rounds={KILL_ROUNDS}',
-       '--jax_cache_dir='],
-      cwd=launch_scripts.ROOT, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  proc = _train_subprocess(workdir, KILL_ROUNDS)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
   assert_same_leaves(saved_state(straight_dir, KILL_ROUNDS),
                      saved_state(workdir, KILL_ROUNDS))
   assert rounds_logged(workdir) == list(range(1, KILL_ROUNDS + 1))

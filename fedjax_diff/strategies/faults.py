@@ -39,6 +39,9 @@ whatever work it did, as FedProx's partial-work clients are aggregated; with
 the steps counts half). Either way a straggler's optimizer state advances by
 the s_k steps it ran, and SCAFFOLD's option II divides by Σ_{s<s_k} η_s.
 
+Faults are injected into the rounds of every algorithm (`algorithms.base`);
+FedDDPM's phase 1, which is not a round, runs without them.
+
 The `faults` block (every field optional; absent or all fractions 0: off):
 
     dropout               fraction of sampled clients that drop out
@@ -195,11 +198,13 @@ def corrupt(tree: PyTree, kind) -> PyTree:
 
 def all_finite(tree: PyTree) -> jax.Array:
   """True iff every floating-point entry of `tree` is finite (a bool
-  scalar; True for a tree without float leaves).
+  scalar; True for a tree without float leaves). For a tree on one device,
+  e.g. one client's in the round.
 
   One reduction over the leaves side by side: XLA compiles it several times
   faster than a reduction per leaf joined by ANDs (a UNet has hundreds of
-  leaves), and fuses the concatenation into it.
+  leaves; measured 2.7 s against 8 s for 433 leaves on this project's CPU),
+  and fuses the concatenation into it.
   """
   leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -208,6 +213,14 @@ def all_finite(tree: PyTree) -> jax.Array:
   dtype = jnp.result_type(*leaves)
   return jnp.all(jnp.isfinite(jnp.concatenate(
       [x.astype(dtype) for x in leaves])))
+
+
+def state_finite(tree: PyTree) -> jax.Array:
+  """`all_finite` for a whole (sharded) state, e.g. before a checkpoint:
+  one reduction per leaf, so that no leaf is gathered to join others."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def non_finite_leaves(tree: PyTree) -> list[str]:
@@ -251,8 +264,7 @@ def round_counts(metrics) -> dict[str, int]:
   (of which for a non-finite upload or loss, injected or not) and,
   with injection, `faults_<kind>` per injected kind."""
   real = np.asarray(metrics['client_mask']) > 0
-  out = {'clients_dropped': int(np.sum(
-             real & (np.asarray(metrics['client_weights']) == 0))),
+  out = {'clients_dropped': int(metrics['clients_dropped']),
          'clients_nonfinite': int(np.sum(
              real & (np.asarray(metrics['client_nonfinite']) > 0)))}
   if 'client_faults' in metrics:

@@ -272,5 +272,8 @@ def test_isolate_and_finite():
   assert float(faults.isolate(1.0, ok, bad)) == 0.0
   assert float(faults.isolate(1.0, jnp.float32(jnp.nan))) == 0.0
   assert faults.non_finite_leaves({'x': bad, 'y': ok}) == ["['x']['a']"]
+  for check in (faults.all_finite, faults.state_finite):
+    assert bool(check(ok)) and bool(check({'n': jnp.arange(2)}))
+    assert not bool(check({'y': ok, 'b': jnp.array([jnp.nan], jnp.bfloat16)}))
   corrupt = faults.corrupt(ok, faults.INF)
   assert np.all(np.isinf(corrupt['a'])) and corrupt['n'].dtype == jnp.int32
