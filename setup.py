@@ -24,6 +24,9 @@ setuptools.setup(
         'mlxtend>=0.23',
         'pillow>=10',
         'matplotlib>=3.8',
+        # The privacy accountant of client-level DP (strategies/accountant.py);
+        # tested with 0.6.0, whose Requires pin attrs<24.
+        'dp-accounting>=0.6,<0.7',
     ],
     extras_require={
         # Reference implementations, for tests only. torch is pinned to the

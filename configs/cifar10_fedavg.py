@@ -38,10 +38,10 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
       dropout=0.1, num_groups=32, num_classes=config_dict.placeholder(int),
-      conv_impl='auto'))
+      conv_impl='auto', dtype='float32'))
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-4, warmup_steps=100, grad_clip=1.0,
-      keep_state=False))
+      keep_state=False, shared_state=False))
   config.ema_decay = 0.9999
   gen = dict(every_rounds=200, features='inception', num_samples=10000,
              num_steps=100, batch_size=250, inception_weights='')

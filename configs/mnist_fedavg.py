@@ -49,10 +49,12 @@ def get_config(arg=None):
 
   # A UNet sized for a 2-core CPU (267k parameters, ~0.12 s per local step
   # of batch 16 there); attention at 7×7 would cost 45% more time.
+  # dtype: 'float32', or 'bfloat16' (mixed precision: bf16 activations and
+  # matmuls, float32 parameters, optimizer state, updates and aggregation).
   config.model = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
       dropout=0.0, num_groups=8, num_classes=config_dict.placeholder(int),
-      conv_impl='auto'))
+      conv_impl='auto', dtype='float32'))
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
 
@@ -65,9 +67,16 @@ def get_config(arg=None):
   # held-out EMA loss 0.0329 kept vs 0.0370 fresh, classifier FID 94 (the
   # fresh run reached 162 only at round 40). Nothing extra is communicated;
   # each client holds 2× the model in Adam moments.
+  # shared_state: instead, ONE optimizer state shared by the clients, as
+  # FedPhD's code (arXiv 2507.06449) carries one Adam and one warmup from
+  # client to client: the server keeps it, the round's clients start from
+  # it, the warmup counts every client's steps, and after the round it
+  # becomes the state one optimizer would hold after all their gradients
+  # in FedPhD's loop order (fedjax_diff/algorithms/base.py). Excludes
+  # keep_state.
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-3, warmup_steps=100, grad_clip=1.0,
-      keep_state=True))
+      keep_state=True, shared_state=False))
   # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg.
   config.server_optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=1.0))
@@ -80,8 +89,11 @@ def get_config(arg=None):
   # quantize_bits: 0 sends Δ in float32 (FedAvg); 8, 4 or 2 quantizes it
   # (any of 2..16 works). granularity: 'per_tensor' | 'per_channel' (one
   # scale per output channel). rounding: 'nearest' | 'stochastic'
-  # (unbiased). scale_method: 'minmax' | 'mse' (clipping ratio minimising
-  # ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style, arXiv 2211.15736: ratios
+  # (unbiased: with a scale method that clips, each client carries the
+  # clipped mass to its next update, or error feedback's residual does;
+  # see fedjax_diff/strategies/upload.py). scale_method: 'minmax' | 'mse'
+  # (clipping ratio minimising ‖Δ − Δ̂‖²) | 'calibrated' (PTQ4DM-style,
+  # arXiv 2211.15736: ratios
   # minimising the error of ε on x_t that the client's model generates with
   # calib_steps DDIM steps to t ≈ calib_t_frac·T, calib_batch images; costs
   # ≈ calib_steps + 2 + leaves·11 UNet forward passes of calib_batch per
@@ -104,6 +116,13 @@ def get_config(arg=None):
   config.faults = ml_collections.ConfigDict(dict(
       dropout=0.0, nan=0.0, inf=0.0, straggler=0.0, straggler_min_steps=1,
       weight_by_steps=False))
+  # The model the evaluators judge: 'ema' (the EMA of the global model,
+  # DDPM's choice) or 'raw' (the global model itself, FedPhD's code's).
+  config.eval_params = 'ema'
+
+  # Client-level differential privacy (DP-FedAvg, arXiv 1710.06963): a
+  # `config.dp` block, absent here (no DP); its fields are documented in
+  # configs/mnist_dp.py and fedjax_diff/strategies/privacy.py.
 
   config.evaluators = ml_collections.ConfigDict(dict(
       denoising_loss=dict(every_rounds=5, num_examples=500, batch_size=100),

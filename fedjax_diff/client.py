@@ -25,7 +25,10 @@ Rows: what a client keeps from one round it takes part in to the next is a
 dict of named rows (`ServerState.client_states`): `'optimizer'` when clients
 keep their optimizer state (DiLoCo-style, `keep_optimizer_state`),
 `'upload'` for the upload path's state (error-feedback residuals), and
-whatever an algorithm adds (SCAFFOLD's control variate).
+whatever an algorithm adds (SCAFFOLD's control variate). A client may
+instead start from an optimizer state it is handed (`opt_state`: one state
+shared by the round's clients, `algorithms.base`), and report the state it
+ends with (`ClientUpdate.opt_state`).
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_diff.strategies import clipping
 from fedjax_diff.strategies import upload as upload_lib
 
 PyTree = Any
@@ -76,12 +80,6 @@ def client_batch(images, labels, order, count, step, batch_size, key,
   return x, labels[idx]
 
 
-def tree_norm(tree) -> jax.Array:
-  """‖tree‖₂ over all leaves, in float32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                      for x in jax.tree.leaves(tree)))
-
-
 def upload_key(client_key: jax.Array) -> jax.Array:
   """A client's upload key: `fold_in(client_key, upload.UPLOAD_KEY_TAG)`."""
   return jax.random.fold_in(client_key, upload_lib.UPLOAD_KEY_TAG)
@@ -94,27 +92,30 @@ def make_local_training(loss_fn: LossFn,
   """Local training of one client: `local_steps` steps under `lax.scan`.
 
   Returns `train(start_params, images, labels, count, key, round,
-  opt_state=None, extra_args=None, num_steps=None) -> (params, mean_loss,
-  opt_state)`, with `images` the client's uint8 `[max_n, H, W, C]`. The
-  optimizer is called as `update(grads, state, params,
-  global_params=start_params, global_step=round·local_steps + s,
-  **extra_args)`; it starts from `opt_state` when given (a client that keeps
-  its optimizer state across rounds), else from a fresh `init` (FedAvg).
-  `num_steps` (a traced int, ≤ local_steps; a straggler,
-  `strategies.faults`) stops the client after its first `num_steps` steps:
-  the scan still has `local_steps` iterations (one program for every
-  client), but steps s ≥ num_steps leave the parameters and the optimizer
-  state as they are, and the mean loss is over the steps run. Keys: see the
-  module docstring.
+  opt_state=None, extra_args=None, step_offset=None, num_steps=None) ->
+  (params, mean_loss, opt_state)`, with `images` the client's uint8
+  `[max_n, H, W, C]`. The optimizer is called as `update(grads, state,
+  params, global_params=start_params, global_step=o + s, **extra_args)` with
+  o = `step_offset`, by default round·local_steps (the schedule counts a
+  client's own steps); it starts from `opt_state` when given (a client that
+  keeps its optimizer state across rounds, or a shared one), else from a
+  fresh `init` (FedAvg). `num_steps` (a traced int, ≤ local_steps; a
+  straggler, `strategies.faults`) stops the client after its first
+  `num_steps` steps: the scan still has `local_steps` iterations (one
+  program for every client), but steps s ≥ num_steps leave the parameters
+  and the optimizer state as they are, and the mean loss is over the steps
+  run. Keys: see the module docstring.
   """
 
   def train(start_params, images, labels, count, key, round_idx,
-            opt_state=None, extra_args=None, num_steps=None):
+            opt_state=None, extra_args=None, step_offset=None,
+            num_steps=None):
     order_key, train_key = jax.random.split(key)
     order = epoch_order(order_key, count, images.shape[0])
     if opt_state is None:
       opt_state = client_optimizer.init(start_params)
     extra_args = extra_args or {}
+    offset = round_idx * local_steps if step_offset is None else step_offset
 
     def step(carry, s):
       params, opt_state = carry
@@ -124,7 +125,7 @@ def make_local_training(loss_fn: LossFn,
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y, loss_key)
       updates, new_opt_state = client_optimizer.update(
           grads, opt_state, params, global_params=start_params,
-          global_step=round_idx * local_steps + s, **extra_args)
+          global_step=offset + s, **extra_args)
       new = (optax.apply_updates(params, updates), new_opt_state)
       if num_steps is not None:
         active = s < num_steps
@@ -160,6 +161,7 @@ class ClientUpdate(NamedTuple):
     loss: mean local training loss.
     norm: ‖Δ_k‖, the client's drift from its start.
     upload_error: ‖Δ̂_k − Δ_k‖ (0 without an upload path).
+    opt_state: the client optimizer's state after the last local step.
     steps: the local steps it ran (int32) when capped by `num_steps`;
       None: all `local_steps`.
   """
@@ -169,6 +171,7 @@ class ClientUpdate(NamedTuple):
   loss: jax.Array
   norm: jax.Array
   upload_error: jax.Array
+  opt_state: Any = None
   steps: Any = None
 
 
@@ -181,31 +184,38 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
 
   Returns:
     `client_update(start, data: LocalData, key, rows, round,
-    extra_args=None, num_steps=None) -> ClientUpdate`. When `rows` holds the
-    client's optimizer state (`OPTIMIZER`), training continues from it and
-    the state after the last local step replaces it; the upload's state
-    (`UPLOAD`) likewise. `num_steps`: a straggler's step count (see
+    extra_args=None, opt_state=None, step_offset=None, clip_norm=None,
+    num_steps=None) -> ClientUpdate`.
+    Training starts from `opt_state` when given, else from the client's
+    own optimizer state when `rows` holds it (`OPTIMIZER`; the state after
+    the last local step then replaces it), else from a fresh one; the
+    upload's state (`UPLOAD`) is carried likewise. `step_offset`: see
+    `make_local_training`. `clip_norm` is the round's clip norm the server
+    broadcasts (DP, `strategies.privacy`), handed to the upload path as
+    `UploadContext.clip_norm`. `num_steps`: a straggler's step count (see
     `make_local_training`).
   """
 
   def client_update(start, data: LocalData, key, rows, round_idx,
-                    extra_args=None, num_steps=None):
+                    extra_args=None, opt_state=None, step_offset=None,
+                    clip_norm=None, num_steps=None):
+    if opt_state is None:
+      opt_state = rows.get(OPTIMIZER)
     params, loss, opt_state = train(start, data.images, data.labels,
-                                    data.count, key, round_idx,
-                                    rows.get(OPTIMIZER), extra_args,
-                                    num_steps)
+                                    data.count, key, round_idx, opt_state,
+                                    extra_args, step_offset, num_steps)
     steps = None if num_steps is None else jnp.asarray(num_steps, jnp.int32)
     rows = dict(rows)
     if OPTIMIZER in rows:
       rows[OPTIMIZER] = opt_state
     delta = jax.tree.map(jnp.subtract, params, start)
-    norm = tree_norm(delta)
+    norm = clipping.global_norm(delta)
     if upload is None:
       return ClientUpdate(delta, params, rows, loss, norm,
-                          jnp.zeros_like(norm), steps)
+                          jnp.zeros_like(norm), opt_state, steps)
     ctx = upload_lib.UploadContext(global_params=start, params=params,
                                    labels=data.labels, count=data.count,
-                                   round=round_idx)
+                                   round=round_idx, clip_norm=clip_norm)
     # A stateless upload keeps no rows: its (leafless) state is rebuilt here.
     z = rows.get(UPLOAD)
     if z is None:
@@ -213,8 +223,10 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     delta_hat, z = upload.apply(delta, z, upload_key(key), ctx)
     if UPLOAD in rows:
       rows[UPLOAD] = z
-    err = tree_norm(jax.tree.map(jnp.subtract, delta_hat, delta))
-    return ClientUpdate(delta_hat, params, rows, loss, norm, err, steps)
+    err = clipping.global_norm(
+        jax.tree.map(jnp.subtract, delta_hat, delta))
+    return ClientUpdate(delta_hat, params, rows, loss, norm, err, opt_state,
+                        steps)
 
   return client_update
 

@@ -111,6 +111,28 @@ def run_summary(params: PyTree, num_rounds: int, clients_per_round: int,
   }
 
 
+def with_exact_totals(summary: dict[str, Any], rounds: list[dict[str, int]],
+                      clients: int) -> dict[str, Any]:
+  """`run_summary` whose totals are the sums of the given rounds' traffic,
+  for cohorts that vary from round to round (Poisson sampling): `clients`
+  messages in all, and FedAvg's float32 uplink for the same clients. The
+  per-client figures and the compression ratios do not change."""
+  out = dict(summary)
+  up = int(sum(r['uplink_bytes'] for r in rounds))
+  down = int(sum(r['downlink_bytes'] for r in rounds))
+  fedavg_up = int(clients) * summary['param_bytes']
+  out.update({
+      'total_uplink_bytes': up,
+      'total_downlink_bytes': down,
+      'total_bytes': up + down,
+      'fedavg_fp32_total_uplink_bytes': fedavg_up,
+      'uplink_compression_vs_fedavg_fp32': fedavg_up / up if up else float(
+          'inf'),
+      'uplink_fraction_of_fedavg_fp32': up / fedavg_up if fedavg_up else 0.0,
+  })
+  return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
   """A few human-readable lines of `run_summary`."""
   mib = 2.0 ** 20

@@ -125,6 +125,27 @@ def sample_clients(num_clients: int, clients_per_round: int, seed: int,
   return np.sort(ids).astype(np.int32)
 
 
+# Mixed into the seed of Poisson sampling ('pois'), apart from
+# `sample_clients`' stream.
+POISSON_TAG = 0x706F6973
+
+
+def poisson_sample_clients(num_clients: int, rate: float, seed: int,
+                           round_idx: int) -> np.ndarray:
+  """Poisson sampling: each client takes part in round `round_idx`
+  independently with probability `rate` (DP-FedAvg, arXiv 1710.06963).
+
+  Client k is in when u_k < rate, with u = `default_rng([seed, POISSON_TAG,
+  round_idx]).random(num_clients)`: deterministic from (seed, round), so a
+  resumed run samples the same clients. The cohort's size is
+  Binomial(num_clients, rate) and may be 0. Returns the sorted int32 ids.
+  """
+  if not 0 < rate <= 1:
+    raise ValueError(f'Poisson sampling rate must be in (0, 1], got {rate}.')
+  rng = np.random.default_rng([seed, POISSON_TAG, round_idx])
+  return np.flatnonzero(rng.random(num_clients) < rate).astype(np.int32)
+
+
 def rows_per_device(num_rows: int, num_devices: int) -> int:
   """Client rows each device holds: the rows are split over the mesh in
   contiguous blocks (`shard_client_data` pads them to a multiple)."""

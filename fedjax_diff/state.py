@@ -39,6 +39,9 @@ class ServerState:
     algorithm: the algorithm's own server-side state (FedPhD's edge servers,
       SCAFFOLD's server control variate, FedDDPM+'s trigger), replicated;
       `{}` for FedAvg.
+    client_opt_state: the client optimizer state shared by the round's
+      clients (`config.client_optimizer.shared_state`, FedPhD's one
+      optimizer; see `algorithms.base`), replicated; `{}` otherwise.
   """
   params: PyTree
   ema_params: PyTree
@@ -47,13 +50,16 @@ class ServerState:
   rng: jax.Array
   client_states: dict[str, PyTree] = flax.struct.field(default_factory=dict)
   algorithm: PyTree = flax.struct.field(default_factory=dict)
+  client_opt_state: PyTree = flax.struct.field(default_factory=dict)
 
 
 def init_server_state(params: PyTree,
                       server_optimizer: optax.GradientTransformation,
                       rng: jax.Array,
                       client_states: Optional[dict[str, PyTree]] = None,
-                      algorithm: Optional[PyTree] = None) -> ServerState:
+                      algorithm: Optional[PyTree] = None,
+                      client_opt_state: Optional[PyTree] = None
+                      ) -> ServerState:
   """Builds the round-0 state from initial parameters.
 
   Args:
@@ -63,6 +69,8 @@ def init_server_state(params: PyTree,
     client_states: from `init_client_states`; None or `{}` when none are
       kept.
     algorithm: the algorithm's server-side state; None or `{}` for none.
+    client_opt_state: the shared client optimizer state; None or `{}` for
+      none.
   """
   return ServerState(
       params=params,
@@ -72,6 +80,7 @@ def init_server_state(params: PyTree,
       rng=rng,
       client_states=dict(client_states or {}),
       algorithm={} if algorithm is None else algorithm,
+      client_opt_state={} if client_opt_state is None else client_opt_state,
   )
 
 

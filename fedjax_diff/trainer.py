@@ -22,21 +22,18 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_diff import algorithms
+from fedjax_diff import autotune
 from fedjax_diff import data as data_lib
 from fedjax_diff import errors
 from fedjax_diff import evaluators as evaluators_lib
+from fedjax_diff import experiment
 from fedjax_diff import federation
 from fedjax_diff import models
-from fedjax_diff import optimizers
 from fedjax_diff import progress as progress_lib
 from fedjax_diff import state as state_lib
 from fedjax_diff import validation
 from fedjax_diff import workdir as workdir_lib
-from fedjax_diff.diffusion import diffusion_loss
-from fedjax_diff.diffusion import schedule_from_config
-from fedjax_diff.diffusion.losses import cond_drop_prob_from_config
 from fedjax_diff.state import ServerState
-from fedjax_diff.strategies import build as strategies_build
 from fedjax_diff.strategies import faults as faults_lib
 from fedjax_diff.strategies import pruning_schedule
 
@@ -125,20 +122,6 @@ def report_partition(train: data_lib.Dataset, parts, workdir: str) -> None:
                             title=f'{train.name}: examples per client')
 
 
-def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
-  """The local training loss `(params, x, labels, rng) -> scalar`."""
-  num_classes = config.model.get('num_classes')
-  drop = cond_drop_prob_from_config(config)
-
-  def loss_fn(params, x, labels, rng):
-    return diffusion_loss(
-        eps_fn, params, schedule, x, rng,
-        labels=labels if num_classes is not None else None,
-        null_label=num_classes, cond_drop_prob=drop, train=True)
-
-  return loss_fn
-
-
 def setup(config: ml_collections.ConfigDict, workdir: str,
           mesh: Optional[Mesh] = None, federation_data=None):
   """Everything a run trains with, built from the config, on `mesh` (default:
@@ -159,15 +142,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   client_data = federation.shard_client_data(
       federation.stack_clients(train.images, train.labels, parts), mesh)
   image_shape = tuple(train.images.shape[1:])
-
-  model = models.unet_from_config(config.model)
-  schedule = schedule_from_config(config.diffusion)
-  # Initialised under jit with an 'rbg' key: XLA compiles the threefry hash
-  # of every parameter's initializer slowly on CPU (minutes for a CIFAR
-  # UNet). Only initialisation uses it; training keys stay threefry, whose
-  # streams do not depend on sharding.
-  params = jax.jit(lambda k: models.init_params(model, k, image_shape))(
-      jax.random.key(seed, impl='rbg'))
+  model, params = experiment.init_model(config, image_shape)
   log(f'UNet: {models.count_params(params):,} parameters.')
   # FedPhD's structured pruning (config.pruning; None = none): from here on
   # the run trains, sends and samples the compact UNet. 'after_sparse'
@@ -177,30 +152,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     stage_dir = os.path.join(workdir, 'sparse')
     log(f'Sparse training before pruning, in {stage_dir}.')
     params = jax.device_get(train_and_evaluate(stage, stage_dir).params)
+  schedule = experiment.schedule_of(config)
   model, params, pruning_info = pruning_schedule.prepare(
       config, workdir, model, params, image_shape=image_shape,
-      loss_fn_for=lambda m: make_loss_fn(models.make_eps_fn(m), schedule,
-                                         config),
+      loss_fn_for=lambda m: experiment.make_loss_fn(models.make_eps_fn(m),
+                                                    schedule, config),
       images=train.images, labels=train.labels, seed=seed, log=log)
-  eps_fn = models.make_eps_fn(model)
-  upload = strategies_build.upload_from_config(
-      config, eps_fn=eps_fn, schedule=schedule, image_shape=image_shape,
-      num_classes=config.model.get('num_classes'))
-  run = algorithms.Run(
-      config=config, workdir=workdir, mesh=mesh, data=client_data,
+  run = experiment.make_run(
+      config, model=model, params=params, data=client_data,
       num_clients=len(parts), num_classes=train.num_classes,
-      image_shape=image_shape, eps_fn=eps_fn, schedule=schedule,
-      loss_fn=make_loss_fn(eps_fn, schedule, config),
-      client_optimizer=optimizers.client_optimizer(
-          config.client_optimizer,
-          extra=strategies_build.client_transforms(config)),
-      server_optimizer=optimizers.server_optimizer(config.server_optimizer),
-      upload=upload,
-      # Shapes and dtypes only (the arrays may be donated to the first
-      # round): what communication accounting needs.
-      param_shapes=jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      log=log)
+      image_shape=image_shape, mesh=mesh, workdir=workdir, log=log)
   return run, params, test, pruning_info
 
 
@@ -222,13 +183,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = federation.client_mesh()
   validation.check_config(config, mesh.size)
   settings = validation.run_settings(config)
+  eval_params = evaluators_lib.check_params(config.get('eval_params', 'ema'))
   federation_data = load_federation(config)
   workdir_lib.check_and_write_config(workdir, config)
   run, params, test, pruning_info = setup(config, workdir, mesh,
                                           federation_data)
-  algorithm = algorithms.build(config.get('algorithm', 'fedavg'), run)
-  log(f'Devices: {run.mesh.size} x {jax.devices()[0].platform}; execution '
-      f'mode {algorithm.mode!r} (config: {config.federation.mode!r}).')
+  algorithm = build_algorithm(run, params)
   state = algorithm.initial_state(params, jax.random.PRNGKey(
       int(config.seed) + 1))
   manager, state, step = workdir_lib.resume(workdir, state, log)
@@ -244,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           eps_fn=run.eps_fn, schedule=run.schedule, test_data=test,
           image_shape=run.image_shape,
           num_classes=config.model.get('num_classes'), workdir=workdir,
-          seed=int(config.seed), write_images=metrics_log.write_images))
+          seed=int(config.seed), write_images=metrics_log.write_images,
+          params=eval_params))
   round_fn = algorithm.make_round()
   if start < num_rounds:
     t = time.perf_counter()
@@ -310,7 +271,8 @@ def _server_finite(state: ServerState) -> jax.Array:
   """Whether the server's part of the state is finite (the clients' rows
   are checked per client by fault isolation, and whole before a save)."""
   return faults_lib.state_finite((state.params, state.ema_params,
-                                  state.opt_state, state.algorithm))
+                                  state.opt_state, state.algorithm,
+                                  state.client_opt_state))
 
 
 def clients_message(clients, client_ids) -> str:
@@ -323,10 +285,12 @@ def clients_message(clients, client_ids) -> str:
 
 def state_message(state) -> str:
   bad = faults_lib.non_finite_leaves(
-      (state.params, state.ema_params, state.opt_state, state.algorithm))
+      (state.params, state.ema_params, state.opt_state, state.algorithm,
+       state.client_opt_state))
   return (f'the server state holds non-finite values in {len(bad)} arrays '
           f'({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""}; '
-          '[0] params, [1] EMA, [2] server optimizer, [3] algorithm state)')
+          '[0] params, [1] EMA, [2] server optimizer, [3] algorithm state, '
+          '[4] shared client optimizer state)')
 
 
 def diverged(config, workdir: str, manager, round_idx: int,
@@ -346,6 +310,23 @@ def diverged(config, workdir: str, manager, round_idx: int,
       f'or server_optimizer.learning_rate (now '
       f'{sopt.get("learning_rate", 1.0):g}), or a gradient clip '
       '(config.client_optimizer.grad_clip).')
+
+
+def build_algorithm(run: algorithms.Run, params) -> algorithms.Algorithm:
+  """The algorithm of `config.algorithm` for `run`, its execution mode
+  measured if the config says 'auto' (`autotune`, cached per machine)."""
+  name = run.config.get('algorithm', 'fedavg')
+  algorithm = algorithms.build(name, run)
+  if run.config.federation.mode == 'auto':
+    run = autotune.resolve(run, name, params, algorithm.sample_clients(0),
+                           algorithm.slots_per_device, log=log)
+    algorithm = algorithms.build(name, run)
+  log(f'Devices: {run.mesh.size} x {jax.devices()[0].platform}; execution '
+      f'mode {algorithm.mode!r}'
+      f'{f"[{algorithm.chunk_size}]" if algorithm.mode == "chunked" else ""}'
+      f' (config: {run.config.federation.mode!r}).')
+  return algorithm
+
 
 
 def evaluate(evaluators, state, round_idx: int, num_rounds: int) -> dict:

@@ -12,7 +12,9 @@ field) and how to fix it; `launch/train.py` prints it and exits with 2.
 The blocks and their parsers:
 
     config (num_rounds, seed, ema_decay,   algorithms.base.Settings, through
-      federation, faults, algorithm)         the algorithm's check_config
+      federation, faults, algorithm,         the algorithm's check_config
+      client_optimizer.keep_state/           (config.dp:
+      shared_state, dp)                        privacy.Settings.from_config)
     config.log_every, checkpoint_every     `run_settings` (here)
     config.client_optimizer, prox_mu,      optimizers.client_optimizer with
       group_lasso                            strategies.build.client_transforms
@@ -24,7 +26,8 @@ The blocks and their parsers:
                                              losses.cond_drop_prob_from_config
     config.data, config.partition          data.config_from,
                                              data.partition_from_config
-    config.evaluators                      evaluators.check_config
+    config.evaluators, eval_params         evaluators.check_config,
+                                             evaluators.check_params
 """
 
 import contextlib
@@ -128,6 +131,8 @@ def check_config(config: ml_collections.ConfigDict,
     data_lib.partition_from_config(config.get('partition'))
   with user_errors('config.evaluators'):
     evaluators_lib.check_config(config.get('evaluators'))
+  with user_errors('config.eval_params'):
+    evaluators_lib.check_params(config.get('eval_params', 'ema'))
 
 
 def check_data(config: ml_collections.ConfigDict, counts: np.ndarray,

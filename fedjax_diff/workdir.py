@@ -47,7 +47,7 @@ from fedjax_diff.strategies import faults as faults_lib
 # evaluators read the server state and never change it), not what it trains.
 RESUMABLE_CHANGES = ('num_rounds', 'log_every', 'eval_every',
                      'checkpoint_every', 'eval.', 'evaluators.',
-                     'progress_every_seconds')
+                     'eval_params', 'progress_every_seconds')
 
 def is_writer() -> bool:
   return jax.process_index() == 0
@@ -378,6 +378,39 @@ def _empty_fields_missing_on_disk(manager, step, abstract) -> list[str]:
   return [f.name for f in dataclasses.fields(abstract)
           if f.name not in tree and not jax.tree.leaves(
               getattr(abstract, f.name))]
+
+
+def load_run(workdir: str, step: Optional[int] = None):
+  """A trained run's config and a checkpoint's models, for tools that read
+  a workdir without training (launch/evaluate.py, launch/audit.py).
+
+  Returns:
+    (config, state): the ConfigDict of config.json, and a namespace with
+    `params`, `ema_params` and `round` of checkpoint `step` (default: the
+    latest), restored as saved.
+
+  Raises:
+    FileNotFoundError: no config.json, or no such checkpoint.
+  """
+  import types  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: the workdir must be a '
+                            'training workdir (launch/train.py writes '
+                            'config.json).')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  manager = checkpoint_manager(workdir)
+  step = manager.latest_step() if step is None else int(step)
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(
+        f'no checkpoint {"" if step is None else step} in {workdir}/'
+        f'checkpoints (steps there: {list(manager.all_steps())}).')
+  raw = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return config, types.SimpleNamespace(params=raw['params'],
+                                       ema_params=raw['ema_params'],
+                                       round=int(raw['round']))
 
 
 def samples_dir(workdir: str) -> str:

@@ -6,7 +6,9 @@ r"""Runs evaluators on a workdir's checkpoint, without training.
 
 The model, data and diffusion come from DIR/config.json (the run that was
 trained). The evaluators are that run's `evaluators` block, or the one of
-`--config` when given (e.g. a config that gained evaluators after the run).
+`--config` when given (e.g. a config that gained evaluators after the run);
+they judge the model of the run's `eval_params` ('ema' or 'raw'), or of
+`--config`'s when given.
 Restores the latest checkpoint (or `--step`), runs every evaluator once, and
 prints and writes its figures and seconds to DIR/evaluation_round_XXXXXX.json.
 """
@@ -35,12 +37,14 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
-                     only=None, write_images=None):
+                     only=None, write_images=None, eval_params=None):
   """Restores `workdir`'s checkpoint and runs evaluators once.
 
   Args:
     workdir: a training workdir (config.json and checkpoints/).
     evaluators_cfg: mapping name → entry; default: the run's own.
+    eval_params: 'ema' or 'raw', the model judged; default: the run's
+      `eval_params` ('ema' if it has none).
     step: the checkpoint's round; default: the latest.
     only: names of the evaluators to run (default: all).
     write_images: `(round, {name: images})` sink for image evaluators.
@@ -48,8 +52,6 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   Returns:
     (round, {figure: value}, {evaluator: seconds}).
   """
-  import types  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from fedjax_diff import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
   from fedjax_diff import models  # pylint: disable=g-import-not-at-top
   from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
@@ -57,23 +59,7 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   from fedjax_diff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
   from fedjax_diff.strategies import pruning_schedule  # pylint: disable=g-import-not-at-top
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be a training '
-                            'workdir (launch/train.py writes config.json).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  manager = workdir_lib.checkpoint_manager(workdir)
-  step = manager.latest_step() if step is None else int(step)
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-        f'no checkpoint {"" if step is None else step} in {workdir}/'
-        f'checkpoints (steps there: {list(manager.all_steps())}).')
-  raw = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  state = types.SimpleNamespace(params=raw['params'],
-                                ema_params=raw['ema_params'],
-                                round=int(raw['round']))
+  config, state = workdir_lib.load_run(workdir, step)
 
   _, test = trainer.load_data(config.data)
   # The UNet the run trained: the compact one of a pruned (FedPhD) run.
@@ -85,7 +71,9 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
       test_data=test, image_shape=tuple(test.images.shape[1:]),
       num_classes=config.model.get('num_classes'), workdir=workdir,
       seed=int(config.seed),
-      write_images=write_images or (lambda *a: None))
+      write_images=write_images or (lambda *a: None),
+      params=evaluators_lib.check_params(
+          eval_params or config.get('eval_params', None) or 'ema'))
   cfg = evaluators_cfg if evaluators_cfg is not None else config.evaluators
   cfg = ml_collections.ConfigDict(
       {k: v for k, v in cfg.items() if not only or k in only})
@@ -112,9 +100,11 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   evaluators_cfg = _CONFIG.value.evaluators if _CONFIG.value else None
+  eval_params = _CONFIG.value.get('eval_params') if _CONFIG.value else None
   workdir = _WORKDIR.value
   round_idx, figures, seconds = evaluate_workdir(
-      workdir, evaluators_cfg, _STEP.value, _ONLY.value)
+      workdir, evaluators_cfg, _STEP.value, _ONLY.value,
+      eval_params=eval_params)
   for name, s in seconds.items():
     print(f'{name}: built in {s["build"]:.1f}s, ran in {s["run"]:.1f}s')
   for k, v in figures.items():

@@ -13,6 +13,7 @@ from configs import celeba_fedavg
 from configs import celeba_prox
 from configs import cifar10_fedavg
 from configs import cifar10_quant
+from configs import mnist_dp
 from configs import mnist_fedavg
 from configs import mnist_prox
 from configs import mnist_quant
@@ -134,3 +135,18 @@ def test_checkpoint_from_before_client_states(tmp_path):
   assert step == 3 and restored.client_states == {}
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_dp_configs_differ_only_in_the_dp_block():
+  """ε = 10, ε = 1 and no DP train the same federation, model and budget."""
+  base = mnist_dp.get_config()
+  assert _changed(base, mnist_dp.get_config('1')) == {'dp.target_epsilon'}
+  assert _changed(base, mnist_dp.get_config('none')) == {
+      'dp.enabled', 'dp.target_epsilon'}
+  assert mnist_dp.get_config('') == base
+  fed = base.federation
+  # 500 clients of 9 images, local batches no larger than a client's data.
+  assert (fed.num_clients, fed.clients_per_round) == (500, 50)
+  assert fed.batch_size <= 4500 // fed.num_clients
+  with pytest.raises(ValueError, match="use '10', '1' or 'none'"):
+    mnist_dp.get_config('5')

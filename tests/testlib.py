@@ -31,6 +31,8 @@ NUM_CLASSES = 4
 SERVER_OPT = optax.sgd(1.0, momentum=0.9)
 # The documented tag of a client's upload key (strategies/upload.py).
 UPLOAD_KEY_TAG = 0x75706C64
+# The documented tag of the aggregator's key (engine.py).
+AGGREGATOR_KEY_TAG = 0x61676772
 
 
 class TinyDenoiser(nn.Module):
@@ -132,30 +134,45 @@ def batch_indices(order_key, count: int, max_n: int, step: int,
 def train_client(start, images, labels, count, key, round_idx, *,
                  loss=loss_fn, optimizer=None, local_steps=LOCAL_STEPS,
                  batch_size=BATCH, opt_state=None, extra_args=None,
-                 num_steps=None):
+                 step_offset=None, grads_log=None, num_steps=None):
   """One client's local training as a plain loop over steps: all
   `local_steps`, or the first `num_steps` of them (a straggler; the
   optimizer's global step still counts `local_steps` a round).
 
-  Returns (params, mean loss, optimizer state)."""
+  Step s calls the optimizer with global_step = step_offset + s (default
+  offset: round_idx·local_steps); `grads_log`, a list, receives each step's
+  gradients. Returns (params, mean loss, optimizer state)."""
   opt = optimizer or client_opt()
   grad_fn = jax.jit(jax.value_and_grad(loss))
   order_key, train_key = jax.random.split(key)
   images, labels = np.asarray(images), np.asarray(labels)
   params = start
   opt_state = opt.init(start) if opt_state is None else opt_state
+  offset = round_idx * local_steps if step_offset is None else step_offset
   losses = []
   for s in range(local_steps if num_steps is None else num_steps):
     _, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
     idx = batch_indices(order_key, count, images.shape[0], s, batch_size)
     x = jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0
     value, grads = grad_fn(params, x, jnp.asarray(labels[idx]), loss_key)
+    if grads_log is not None:
+      grads_log.append(grads)
     updates, opt_state = opt.update(
         grads, opt_state, params, global_params=start,
-        global_step=round_idx * local_steps + s, **(extra_args or {}))
+        global_step=offset + s, **(extra_args or {}))
     params = optax.apply_updates(params, updates)
     losses.append(float(value))
   return params, float(np.mean(losses)), opt_state
+
+
+def sequential_state(optimizer, opt_state, grads_in_order, params):
+  """The optimizer state after `grads_in_order`, one update after another
+  (the state of FedPhD's one optimizer after its loop over clients). The
+  chains here keep state that depends on the gradients only."""
+  for g in grads_in_order:
+    _, opt_state = optimizer.update(g, opt_state, params,
+                                    global_params=params, global_step=0)
+  return opt_state
 
 
 def upload_key(key):
@@ -279,11 +296,95 @@ def fault_plan(rng, round_idx: int, client_ids, fractions: dict,
   return plan
 
 
+def aggregator_key(rng, round_idx: int):
+  """The aggregator's key in round r: fold_in(fold_in(rng, TAG), r)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, AGGREGATOR_KEY_TAG),
+                            round_idx)
+
+
+def norm64(tree) -> float:
+  return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(tree))))
+
+
+def dp_fedavg_round(state, data, client_ids, *, clip_norm, noise_multiplier,
+                    expected_cohort, count_stddev=None, target_quantile=0.5,
+                    clip_lr=0.2, upload_fn=None, optimizer=None):
+  """A DP-FedAvg round (McMahan et al. 2018, arXiv 1710.06963; adaptive
+  clipping of Andrew et al. 2021, arXiv 1905.03871) as a plain loop.
+
+  Client k's update Δ_k is clipped to ‖·‖ ≤ C, sent through `upload_fn(cid,
+  clipped, upload_key, params)` if given, clipped to C again by the server,
+  and summed with weight 1; the server adds σ_Δ·C·z, z_i =
+  normal(fold_in(key_u, i)) for leaf i, with key_u, key_b =
+  split(aggregator_key), divides by the expected cohort m, and takes a
+  server step. σ_Δ = σ without `count_stddev`, else (σ⁻² − (2σ_b)⁻²)^(−½),
+  and the clip norm moves to C·exp(−η(clip(b̄, 0, 1) − γ)) with
+  b̄ = (Σ_k (1[‖Δ_k‖ ≤ C] − ½) + σ_b·normal(key_b))/m + ½.
+
+  Returns:
+    (state, the next clip norm, b̄ or None).
+  """
+  r = int(state.round)
+  total, below = None, 0.0
+  for cid in client_ids:
+    cid = int(cid)
+    key = client_key(state.rng, r, cid)
+    params, _, _ = train_client(state.params, data.images[cid],
+                                data.labels[cid], int(data.counts[cid]), key,
+                                r, optimizer=optimizer)
+    delta = jax.tree.map(jnp.subtract, params, state.params)
+    norm = norm64(delta)
+    scale = min(1.0, clip_norm / norm)
+    sent = jax.tree.map(lambda d: jnp.asarray(np.asarray(d, np.float64) *
+                                              scale, jnp.float32), delta)
+    if upload_fn is not None:
+      sent = upload_fn(cid, sent, upload_key(key), params)
+    server_scale = min(1.0, clip_norm / norm64(sent))
+    sent = jax.tree.map(lambda d: np.asarray(d, np.float64) * server_scale,
+                        sent)
+    total = sent if total is None else jax.tree.map(np.add, total, sent)
+    below += float(norm <= clip_norm) - 0.5
+  if total is None:
+    total = jax.tree.map(lambda p: np.zeros(p.shape, np.float64),
+                         state.params)
+  sigma = noise_multiplier
+  if count_stddev is not None:
+    sigma = (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
+  key_u, key_b = jax.random.split(aggregator_key(state.rng, r))
+  leaves, treedef = jax.tree.flatten(total)
+  noisy = [t + sigma * clip_norm * np.asarray(
+      jax.random.normal(jax.random.fold_in(key_u, i), t.shape), np.float64)
+           for i, t in enumerate(leaves)]
+  mean = jax.tree.unflatten(treedef, [x / expected_cohort for x in noisy])
+  new = server_step(state, jax.tree.map(np.negative, mean))
+  frac, next_clip = None, clip_norm
+  if count_stddev is not None:
+    frac = (below + count_stddev * float(jax.random.normal(key_b, ()))
+            ) / expected_cohort + 0.5
+    next_clip = clip_norm * np.exp(
+        -clip_lr * (min(max(frac, 0.0), 1.0) - target_quantile))
+  return new, next_clip, frac
+
+
 # --- Building the objects under test from a tiny config. ---
 
 
+def dp_config(clip_norm=0.05, noise_multiplier=0.5, target_epsilon=None,
+              adaptive=False, count_stddev=None, **kw
+              ) -> ml_collections.ConfigDict:
+  """A `config.dp` block (fields of strategies/privacy.py)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=True, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+      target_epsilon=target_epsilon, delta=1e-5, accountant='rdp',
+      adaptive=dict(enabled=adaptive, target_quantile=0.5, learning_rate=0.2,
+                    count_stddev=count_stddev), **kw))
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """The config fields an algorithm reads, for the tiny model above."""
+  """The config fields an algorithm reads, for the tiny model above; a
+  `dp=dp_config(...)` override adds a DP block."""
+  dp = overrides.pop('dp', None)
   config = ml_collections.ConfigDict(dict(
       seed=0, num_rounds=4, ema_decay=EMA, algorithm='fedavg',
       data=dict(random_flip=False),
@@ -292,6 +393,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
                       mode='vmap', chunk_size=0),
       client_optimizer=dict(client_opt_config(), keep_state=False),
       model=dict(num_classes=None)))
+  if dp is not None:
+    config.dp = dp
   for path, value in overrides.items():
     node = config
     *parents, leaf = path.split('.')
@@ -304,15 +407,16 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 def make_algorithm(data, num_devices: int = 1, *, name: str = 'fedavg',
                    config=None, optimizer=None, upload=None,
                    num_classes: int = NUM_CLASSES, loss=loss_fn,
-                   **overrides):
+                   params=None, **overrides):
   """(algorithm, sharded data) for `data` on the first `num_devices`
-  devices, built from `tiny_config(**overrides)` (or `config`)."""
+  devices, built from `tiny_config(**overrides)` (or `config`), for a model
+  of `params` (default: the tiny denoiser's) trained with `loss`."""
   config = config or tiny_config(**overrides)
   with config.unlocked():
     config.algorithm = name
   mesh = federation.client_mesh(jax.devices()[:num_devices])
   sharded = federation.shard_client_data(data, mesh)
-  params = init_params()
+  params = init_params() if params is None else params
   run = algorithms.Run(
       config=config, workdir='/nonexistent', mesh=mesh, data=sharded,
       num_clients=int(np.sum(np.asarray(data.counts) > 0)),
@@ -323,13 +427,16 @@ def make_algorithm(data, num_devices: int = 1, *, name: str = 'fedavg',
   return algorithms.build(name, run), sharded
 
 
-def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True):
-  """Runs the algorithm's round over `rounds_ids`; returns (state, list of
-  host metrics, round_fn)."""
+def run_rounds(algorithm, sharded, rounds_ids, *, state=None, donate=True,
+               params=None):
+  """Runs the algorithm's round over `rounds_ids` from `state` (default: the
+  initial state of `params`, default the tiny denoiser's); returns (state,
+  list of host metrics, round_fn)."""
   round_fn = algorithm.make_round(donate=donate)
   mesh = algorithm.run.mesh
   if state is None:
-    state = algorithm.initial_state(init_params(), jax.random.PRNGKey(42))
+    state = algorithm.initial_state(
+        init_params() if params is None else params, jax.random.PRNGKey(42))
   all_metrics = []
   # As many slots in every round (one compilation), as few as fit them all.
   per_device = federation.max_slots_per_device(rounds_ids, sharded.num_clients,

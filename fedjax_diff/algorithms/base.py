@@ -26,7 +26,43 @@ and optional hooks, each with a neutral default here:
 * `round_figures(metrics, round)`: what a logged round adds to
   metrics.jsonl;
 * `summary(num_rounds, state)`: the run's totals for summary.json;
-* `describe()`: one line for the log.
+* `describe()`: one line for the log;
+* `client_order(client_ids, client_mask, slot_inputs)`: the order in which a
+  sequential implementation would train the round's clients (see below).
+
+Client optimizer state. By default every client starts a fresh optimizer
+every round (FedAvg); with `config.client_optimizer.keep_state` each client
+keeps its own across rounds (`ServerState.client_states`); with
+`config.client_optimizer.shared_state` the round's clients share one state,
+as FedPhD's code (arXiv 2507.06449), whose clients train one after another
+with ONE Adam and one warmup schedule, carried from client to client and
+round to round. Clients train in parallel here, so a carry from client to
+client within a round cannot be; the closest faithful scheme is:
+
+* the server keeps the shared state x in `ServerState.client_opt_state`;
+  every client of round r starts from x_r;
+* client k's learning-rate schedule counts the steps of every client before
+  it in the sequential order (`client_order`: FedAvg by client id, FedPhD by
+  edge, then id, as its code's loops): step s of the client at position
+  p_k uses global step (r·K + p_k)·S + s, K clients of S steps a round;
+* after the round x_{r+1} is the state ONE optimizer would hold after the
+  clients' gradients in that order (`optimizers.compose_sequential`: exact
+  for Adam's moments, momentum and step counts, given each client's
+  gradients).
+
+The departure from the sequential code: within a round, client k's
+trajectory starts from x_r instead of from the state the clients before it
+left (its Adam moments miss their gradients, its bias correction counts
+p_k·S steps fewer). With one client per round the two are the same.
+
+Client-level DP (`config.dp`, `strategies.privacy`) is the base class's:
+it builds the run's aggregator once (`self.aggregator`: the example-weighted
+mean, or DP-FedAvg's noised sum of clipped updates), samples the clients
+(Poisson under DP), broadcasts the round's clip norm with the round
+(`client_round`), turns each client's contribution into a DP one
+(`client_fn`) and the aggregate back into Δ̄ (`finish_aggregate`), and logs
+ε after every round. An algorithm whose other releases are not covered by
+the noise sets `dp_unsound` to say why, and refuses `config.dp`.
 
 `Run` is what every algorithm is built from: the trainer makes it once from
 the config (data on the mesh, model, loss, optimizers with their transforms,
@@ -36,6 +72,7 @@ that defines `Algorithm`, named by `config.algorithm.name`.
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -50,8 +87,11 @@ from fedjax_diff import client as client_lib
 from fedjax_diff import comm
 from fedjax_diff import engine
 from fedjax_diff import federation
+from fedjax_diff import optimizers
 from fedjax_diff import state as state_lib
+from fedjax_diff.strategies import aggregator as aggregator_lib
 from fedjax_diff.strategies import faults as faults_lib
+from fedjax_diff.strategies import privacy as privacy_lib
 from fedjax_diff.strategies.aggregator import Aggregator
 from fedjax_diff.strategies.upload import UploadTransform
 
@@ -80,6 +120,8 @@ class Run:
     server_optimizer: applied to the pseudo-gradient −Δ̄.
     upload: the upload path of client updates, or None (float32 Δ).
     param_shapes: shapes and dtypes of the model's parameters.
+    model: the (possibly pruned) model module, for tools that count its
+      FLOPs or rebuild it; None where an algorithm is built without one.
     log: where progress lines go (process 0 prints).
   """
   config: ml_collections.ConfigDict
@@ -96,6 +138,7 @@ class Run:
   server_optimizer: optax.GradientTransformation
   upload: Optional[UploadTransform]
   param_shapes: PyTree
+  model: Any = None
   log: Callable[[str], None] = print
 
 
@@ -129,6 +172,7 @@ class Settings:
     mode: the engine's execution mode ('auto', 'vmap', 'map', 'chunked').
     chunk_size: clients per chunk ('chunked'); None otherwise.
     keep_optimizer_state: clients keep their optimizer state across rounds.
+    shared_optimizer_state: the round's clients share one optimizer state.
     random_flip: random horizontal flips of local batches.
     faults: the faults to inject (`strategies.faults`), or None.
   """
@@ -142,6 +186,7 @@ class Settings:
   mode: str
   chunk_size: Optional[int]
   keep_optimizer_state: bool
+  shared_optimizer_state: bool
   random_flip: bool
   faults: Optional[faults_lib.FaultConfig]
 
@@ -198,12 +243,38 @@ class Settings:
         engine.chunk_size_for(mode, per_device, chunk_size)
     keep = _bool(config.get('client_optimizer', {}), 'keep_state',
                  'config.client_optimizer', False)
+    shared = _bool(config.get('client_optimizer', {}), 'shared_state',
+                   'config.client_optimizer', False)
+    if keep and shared:
+      raise ValueError(
+          'config.client_optimizer: keep_state (each client its own optimizer '
+          'state) and shared_state (one state shared by the clients) exclude '
+          'each other; set at most one.')
     flip = _bool(config.get('data', {}), 'random_flip', 'config.data', False)
     return cls(num_rounds=num_rounds, seed=seed, ema_decay=float(decay),
                num_clients=num_clients, clients_per_round=per_round,
                local_steps=local_steps, batch_size=batch_size, mode=mode,
                chunk_size=chunk_size or None, keep_optimizer_state=keep,
-               random_flip=flip, faults=faults_lib.config_from(config))
+               shared_optimizer_state=shared, random_flip=flip, faults=faults_lib.config_from(config))
+
+
+def round_clients(config: ml_collections.ConfigDict, num_clients: int,
+                  round_idx: int) -> np.ndarray:
+  """The clients of round `round_idx` of a run of `config` (the default
+  `Algorithm.sample_clients`, also read by launch/audit.py): with m =
+  `federation.clients_per_round`, m of the `num_clients` without
+  replacement, or under `config.dp` a Poisson sample with rate
+  q = m / num_clients (the sampling the privacy accountant models);
+  deterministic from (seed, round) either way."""
+  m, seed = int(config.federation.clients_per_round), int(config.seed)
+  if privacy_lib.enabled(config):
+    if not 0 < m <= num_clients:
+      raise ValueError(
+          f'config.dp: federation.clients_per_round={m} is the expected '
+          f'cohort of Poisson sampling; it must be in [1, {num_clients}].')
+    return federation.poisson_sample_clients(num_clients, m / num_clients,
+                                             seed, round_idx)
+  return federation.sample_clients(num_clients, m, seed, round_idx)
 
 
 def client_figures(metrics) -> dict[str, float]:
@@ -230,6 +301,9 @@ class Algorithm(abc.ABC):
   """
 
   name = 'algorithm'
+  # Why client-level DP would not be sound for this algorithm (None: it is,
+  # when its aggregate is the only release that depends on client data).
+  dp_unsound: Optional[str] = None
 
   def __init__(self, run: Run):
     self.run = run
@@ -248,6 +322,9 @@ class Algorithm(abc.ABC):
     # arXiv 2311.08105); False: a fresh client optimizer every round, as in
     # FedAvg.
     self.keep_optimizer_state = settings.keep_optimizer_state
+    # One optimizer state shared by the clients (FedPhD's code; see the
+    # module docstring).
+    self.shared_optimizer_state = settings.shared_optimizer_state
     # Injected client faults (strategies.faults); None: none.
     self.faults = settings.faults
     self.client_optimizer = self.make_client_optimizer()
@@ -255,6 +332,23 @@ class Algorithm(abc.ABC):
         run.loss_fn, self.client_optimizer, self.local_steps, self.batch_size,
         settings.random_flip)
     self.local_update = client_lib.make_client_update(self.train, run.upload)
+    # Client-level DP (None without config.dp); σ is calibrated here.
+    self.privacy = None
+    dp = self._dp_settings(run.config, settings)
+    if dp is not None:
+      self.privacy = privacy_lib.Mechanism(
+          dp, num_clients=run.num_clients,
+          clients_per_round=self.clients_per_round,
+          num_rounds=self.num_rounds)
+    self.aggregator = self.make_aggregator()
+
+  def make_aggregator(self) -> Aggregator:
+    """The run's aggregator, built once: DP-FedAvg's noised sum of clipped
+    updates (`privacy.gaussian_sum`) under `config.dp`, else FedAvg's
+    example-weighted mean."""
+    if self.privacy is not None:
+      return self.privacy.aggregator()
+    return aggregator_lib.weighted_mean()
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict,
@@ -262,7 +356,28 @@ class Algorithm(abc.ABC):
     """Raises a ValueError (what, where, how to fix) if this algorithm
     cannot run `config`; parses what the constructor parses. An algorithm
     with a block of its own extends it."""
-    Settings.from_config(config, num_devices)
+    cls._dp_settings(config, Settings.from_config(config, num_devices))
+
+  @classmethod
+  def _dp_settings(cls, config: ml_collections.ConfigDict,
+                   settings: Settings) -> Optional[privacy_lib.Settings]:
+    """`config.dp` parsed (None: off), refused where DP would not hold."""
+    dp = privacy_lib.Settings.from_config(config)
+    if dp is None:
+      return None
+    if settings.shared_optimizer_state:
+      raise ValueError(
+          'config.dp with config.client_optimizer.shared_state=True: the '
+          "shared optimizer state is built from every client's gradients "
+          'and released without noise, which DP does not cover. Set '
+          'shared_state=False (each client starts a fresh optimizer, or '
+          'keeps its own with keep_state=True).')
+    if cls.dp_unsound:
+      raise ValueError(
+          f"config.dp is not supported with config.algorithm='{cls.name}'"
+          f': {cls.dp_unsound} Use fedavg or scaffold (with FedDM-prox or '
+          'FedDM-quant if wanted), or set config.dp.enabled=False.')
+    return dp
 
   def make_client_optimizer(self) -> optax.GradientTransformationExtraArgs:
     """The chain the clients train with: the run's, by default. An
@@ -273,9 +388,19 @@ class Algorithm(abc.ABC):
   # -- The pure parts. -------------------------------------------------------
 
   def init(self, params: PyTree) -> PyTree:
-    """The algorithm's server-side state (`ServerState.algorithm`)."""
+    """The algorithm's server-side state (`ServerState.algorithm`): the DP
+    state under `config.dp` (`{'dp': ...}`), else `{}`."""
     del params
+    if self.privacy is not None:
+      return {privacy_lib.STATE_KEY: self.privacy.init()}
     return {}
+
+  def client_opt_state(self, params: PyTree) -> PyTree:
+    """The shared client optimizer state before the first round
+    (`ServerState.client_opt_state`); `{}` unless `shared_state`."""
+    if not self.shared_optimizer_state:
+      return {}
+    return self.client_optimizer.init(params)
 
   def client_rows(self, params: PyTree) -> dict:
     """What one client keeps across rounds (`client.initial_rows`)."""
@@ -310,8 +435,11 @@ class Algorithm(abc.ABC):
   def prepare(self, state: state_lib.ServerState,
               init_params: PyTree) -> state_lib.ServerState:
     """Before the first round of the run (and again on resume);
-    `init_params` are the run's initial global parameters."""
+    `init_params` are the run's initial global parameters. Under DP, a
+    resumed state must have been trained with this run's σ."""
     del init_params
+    if self.privacy is not None:
+      self.privacy.check_resumed(state.algorithm[privacy_lib.STATE_KEY])
     return state
 
   def after_round(self, state: state_lib.ServerState, round_idx: int
@@ -320,33 +448,85 @@ class Algorithm(abc.ABC):
     del round_idx
     return state, {}
 
+  def cohort_size(self, round_idx: int) -> int:
+    """Clients of round `round_idx`: `clients_per_round`, or the Poisson
+    cohort's size under DP."""
+    if self.privacy is not None:
+      return len(self.sample_clients(round_idx))
+    return self.clients_per_round
+
   def round_bytes(self, round_idx: int) -> dict[str, int]:
     """Round `round_idx`'s (0-based) exact traffic, all clients: θ down,
     the upload path's message up (`comm.round_bytes`)."""
-    del round_idx
-    return comm.round_bytes(self.run.param_shapes, self.clients_per_round,
-                            self.run.upload)
+    return comm.round_bytes(self.run.param_shapes,
+                            self.cohort_size(round_idx), self.run.upload)
 
   def round_figures(self, metrics, round_idx: int) -> dict:
-    """What a logged round (0-based) adds to metrics.jsonl besides `loss`."""
+    """What a logged round (0-based) adds to metrics.jsonl besides `loss`;
+    under DP also `dp_epsilon` (ε at `dp_delta` after this round),
+    `dp_noise_multiplier`, `dp_clip_norm` (the round's C_r),
+    `dp_clients` (the round's cohort), `dp_clipped_fraction` (of the
+    cohort; a diagnostic of the simulation, not a private release) and,
+    with adaptive clipping, `dp_unclipped_fraction` (the noised b̄)."""
     out = dict(self.round_bytes(round_idx))
     out.update(client_figures(metrics))
     out.update(faults_lib.round_counts(metrics))
     if self.run.upload is None:
       out.pop('upload_rel_error', None)
+    if self.privacy is not None:
+      w = np.asarray(metrics['client_weights']) > 0
+      c = float(metrics['dp_clip_norm'])
+      norms = np.asarray(metrics['client_update_norms'])
+      out.update({
+          'dp_epsilon': self.privacy.epsilon(round_idx + 1),
+          'dp_delta': self.privacy.settings.delta,
+          'dp_noise_multiplier': self.privacy.noise_multiplier,
+          'dp_clip_norm': c,
+          'dp_clients': int(w.sum()),
+          'dp_clipped_fraction': float(np.mean(norms[w] > c)) if w.any()
+                                 else 0.0,
+      })
+      if 'dp_unclipped_fraction' in metrics:
+        out['dp_unclipped_fraction'] = float(metrics['dp_unclipped_fraction'])
     return out
 
   def summary(self, num_rounds: int,
               state: Optional[state_lib.ServerState] = None) -> dict:
     """The run's totals for summary.json (`comm.run_summary`); `state` is
-    the final server state."""
+    the final server state. Under DP the totals are the exact sums over the
+    Poisson cohorts (FedAvg's float32 baseline for the same clients; the
+    per-round figures are for the expected cohort), and `dp_epsilon` /
+    `dp_delta` the run's guarantee."""
     del state
-    return comm.run_summary(self.run.param_shapes, num_rounds,
-                            self.clients_per_round, self.run.upload,
-                            per_round=self.round_bytes(0))
+    if self.privacy is None:
+      return comm.run_summary(self.run.param_shapes, num_rounds,
+                              self.clients_per_round, self.run.upload,
+                              per_round=self.round_bytes(0))
+    rounds = [self.round_bytes(r) for r in range(num_rounds)]
+    clients = sum(self.cohort_size(r) for r in range(num_rounds))
+    # Every client sends and receives the same bytes: one expected cohort's.
+    per_round = {k: sum(r[k] for r in rounds) // max(clients, 1)
+                 * self.clients_per_round
+                 for k in ('uplink_bytes', 'downlink_bytes')}
+    out = comm.with_exact_totals(
+        comm.run_summary(self.run.param_shapes, num_rounds,
+                         self.clients_per_round, self.run.upload,
+                         per_round=per_round), rounds, clients)
+    out.update({'dp_epsilon': self.privacy.epsilon(num_rounds),
+                'dp_delta': self.privacy.settings.delta,
+                'dp_noise_multiplier': self.privacy.noise_multiplier,
+                'dp_sampled_clients': int(clients)})
+    return out
 
   def format_summary(self, summary: dict) -> str:
     return comm.format_summary(summary)
+
+  def _optimizer_state_note(self) -> str:
+    if self.keep_optimizer_state:
+      return ', client optimizer state kept across rounds'
+    if self.shared_optimizer_state:
+      return ', one client optimizer state shared by the clients'
+    return ''
 
   def describe(self) -> str:
     """One line: the algorithm and its client-side settings."""
@@ -357,37 +537,65 @@ class Algorithm(abc.ABC):
     return (f'{self.name}: {fed.clients_per_round} of {fed.num_clients} '
             f'clients per round, {fed.local_steps} local steps of batch '
             f'{fed.batch_size}{f", FedProx mu={mu:g}" if mu > 0 else ""}'
-            f'{", client optimizer state kept across rounds" if self.keep_optimizer_state else ""}'
+            f'{self._optimizer_state_note()}'
             f'; upload {upload}: {traffic["uplink_bytes"] / 2**20:.2f} MiB '
             f'up and {traffic["downlink_bytes"] / 2**20:.2f} MiB down per '
-            'round.')
+            'round.' +
+            (f' {self.privacy.describe()}' if self.privacy else ''))
 
   # -- Sampling and the run's state. -----------------------------------------
 
   def sample_clients(self, round_idx: int) -> np.ndarray:
-    """The clients of round `round_idx`: `clients_per_round` of them, without
-    replacement, deterministic from (seed, round)."""
-    return federation.sample_clients(self.run.num_clients,
-                                     self.clients_per_round, self.seed,
-                                     round_idx)
+    """The clients of round `round_idx`, deterministic from (seed, round):
+    `clients_per_round` of them without replacement, or under DP a Poisson
+    sample with rate clients_per_round / num_clients (the sampling the
+    accountant models)."""
+    return round_clients(self.run.config, self.run.num_clients, round_idx)
 
-  def slots(self, round_idx: int, slots_per_device: Optional[int] = None):
+  @functools.cached_property
+  def slots_per_device(self) -> int:
+    """The most clients any device holds in any round of the run: every
+    round gets this many slots per device (one compilation, the least
+    padding). The cohorts are fixed by (seed, round), so under DP's Poisson
+    sampling too this bound is known before the first round: no cohort of
+    the run exceeds it, none is truncated (a round past `num_rounds` whose
+    cohort does not fit is refused by `federation.round_slots`)."""
+    return federation.max_slots_per_device(
+        [self.sample_clients(r) for r in range(self.num_rounds)],
+        self.run.data.num_clients, self.run.mesh.size)
+
+  def slots(self, round_idx: int):
     """(client_ids, client_mask) of round `round_idx`, laid out on the mesh
-    (`federation.round_slots`)."""
+    (`federation.round_slots`) with `slots_per_device` slots per device."""
     return federation.round_slots(self.sample_clients(round_idx),
                                   self.run.mesh.size,
-                                  self.run.data.num_clients, slots_per_device)
+                                  self.run.data.num_clients,
+                                  self.slots_per_device)
 
   def initial_state(self, params: PyTree,
                     rng: jax.Array) -> state_lib.ServerState:
-    """The round-0 server state, placed on the mesh."""
+    """The round-0 server state, placed on the mesh. It holds copies of
+    `params`: the round donates its state, and the caller's arrays must
+    survive that."""
     mesh = self.run.mesh
+    params = jax.tree.map(jnp.copy, params)
     state = state_lib.init_server_state(
         params, self.run.server_optimizer, rng,
         state_lib.init_client_states(self.client_rows, params,
                                      self.run.data.num_clients, mesh),
-        algorithm=self.init(params))
+        algorithm=self.init(params),
+        client_opt_state=self.client_opt_state(params))
     return state_lib.place_state(state, mesh)
+
+  # -- The order of a sequential implementation. ----------------------------
+
+  def client_order(self, client_ids: jax.Array, client_mask: jax.Array,
+                   slot_inputs: Any) -> jax.Array:
+    """Each slot's position among the round's real clients in the order a
+    sequential implementation trains them (padding slots: after them).
+    Default: by client id. Used by `shared_state`."""
+    del slot_inputs
+    return order_positions(client_ids, client_mask)
 
   # -- For subclasses: one client on the engine. -----------------------------
 
@@ -400,6 +608,11 @@ class Algorithm(abc.ABC):
     whose contribution (its upload) or loss is not finite is kept out
     (`keep = 0`), and its rows stay as they were.
 
+    Under DP the engine's `shared` is `(shared, {'clip_norm': C_r})`
+    (`client_round` adds the broadcast): C_r goes to the upload path, and
+    the contribution, which must then be the client's model update, becomes
+    `privacy.contribution(Δ̂_k, ‖Δ_k‖, C_r)`.
+
     Args:
       start: `(shared, slot_input) -> params` the client starts from;
         `shared` is `(whatever the round broadcasts, round index)`.
@@ -409,26 +622,42 @@ class Algorithm(abc.ABC):
       extra_args: `(shared, slot_input, rows) -> dict` of extra arguments
         for the client optimizer (e.g. SCAFFOLD's control variates).
     """
+    shared_state = self.shared_optimizer_state
+    steps, per_round = self.local_steps, self.clients_per_round
+    privacy = self.privacy
     faults = self.faults
 
     def client_fn(shared, slot, data_row, rows):
+      shared, server = shared
+      # `client_round` adds each slot's injected fault.
       key, (fault, slot_input) = slot
+      opt_state = step_offset = None
+      if shared_state:
+        # `client_round` adds the shared state and the client's position.
+        shared, opt_state = shared
+        slot_input, position = slot_input
       _, round_idx = shared
+      if shared_state:
+        step_offset = (round_idx * per_round + position) * steps
+      clip_norm = None if server is None else server['clip_norm']
       local = client_lib.LocalData(data_row.images, data_row.labels,
                                    data_row.counts)
       extra = extra_args(shared, slot_input, rows) if extra_args else None
-      kind, steps = fault if faults is not None else (None, None)
+      kind, run_steps = fault if faults is not None else (None, None)
       u = self.local_update(start(shared, slot_input), local, key, rows,
-                            round_idx, extra, steps)
+                            round_idx, extra, opt_state, step_offset,
+                            clip_norm=clip_norm, num_steps=run_steps)
       keep = jnp.ones((), jnp.float32)
       if faults is not None:
         # What reaches the server: NaN/Inf uploads, nothing on dropout.
         u = u._replace(update=faults_lib.corrupt(u.update, kind))
         keep = jnp.where(kind == faults_lib.DROPOUT, 0.0, keep)
         if faults.weight_by_steps:
-          keep = keep * steps.astype(jnp.float32) / self.local_steps
+          keep = keep * run_steps.astype(jnp.float32) / steps
       contrib, rows = ((u.update, u.rows) if contribution is None else
                        contribution(u, shared, slot_input, u.rows))
+      if privacy is not None:
+        contrib = privacy_lib.contribution(contrib, u.norm, clip_norm)
       isolated = faults_lib.isolate(keep, contrib, u.loss)
       outputs = {'loss': u.loss, 'norm': u.norm,
                  'upload_error': u.upload_error,
@@ -436,29 +665,104 @@ class Algorithm(abc.ABC):
                                         0.0)}
       if faults is not None:
         outputs['fault'] = kind
+      if shared_state:
+        outputs['opt_state'] = u.opt_state
       return engine.ClientResult(contribution=contrib, rows=rows,
                                  outputs=outputs, count=data_row.counts,
                                  keep=isolated)
 
     return client_fn
 
-  def client_round(self, client_fn: engine.ClientFn, aggregator: Aggregator):
-    """`engine.make_client_round` with this run's mesh, mode and rows, for
-    a function from `client_fn`: it hands each slot its injected fault
-    (`faults.plan`) with its slot input."""
+  def client_round(self, client_fn: engine.ClientFn,
+                   aggregator: Optional[Aggregator] = None):
+    """`engine.make_client_round` with this run's mesh, mode, rows and
+    aggregator (default: `self.aggregator`), for a `client_fn` from
+    `self.client_fn`. The returned `run(state, data, client_ids,
+    client_mask, shared, slot_inputs=None, key=None)` hands the clients
+    `(shared, server)`, `server` being the DP broadcast
+    (`{'clip_norm': C_r}` from `state.algorithm['dp']`) or None, and each
+    slot its injected fault (`faults.plan`) with its slot input.
+
+    With `shared_state`, `run` also hands every client the shared optimizer
+    state and its position (`client_order`), and its outputs hold
+    `'client_opt_state'`, the next round's shared state
+    (`optimizers.compose_sequential` over the clients kept, each with the
+    steps it ran): pass `**self.shared_state_update(outputs)` to
+    `state.advance`.
+    """
     params = self.run.param_shapes
-    run = engine.make_client_round(
+    runner = engine.make_client_round(
         client_fn, mesh=self.run.mesh, mode=self.mode,
-        chunk_size=self.chunk_size, aggregator=aggregator,
+        chunk_size=self.chunk_size,
+        aggregator=self.aggregator if aggregator is None else aggregator,
         row_shapes=jax.eval_shape(self.client_rows, params))
     faults, local_steps = self.faults, self.local_steps
+    shared_state = self.shared_optimizer_state
+    cfg = self.run.config.client_optimizer
 
-    def run_with_faults(state, data, client_ids, client_mask, shared,
-                        slot_inputs=None, key=None):
+    def run(state, data, client_ids, client_mask, shared, slot_inputs=None,
+            key=None):
+      server = None
+      if self.privacy is not None:
+        dp = state.algorithm[privacy_lib.STATE_KEY]
+        server = {'clip_norm': dp['clip_norm']}
       plan = (faults_lib.plan(faults, state.rng, state.round, client_ids,
                               client_mask, local_steps)
               if faults is not None else None)
-      return run(state, data, client_ids, client_mask, shared,
-                 slot_inputs=(plan, slot_inputs), key=key)
+      if shared_state:
+        positions = self.client_order(client_ids, client_mask, slot_inputs)
+        start = state.client_opt_state
+        shared, slot_inputs = (shared, start), (slot_inputs, positions)
+      aggregate, outputs, rows = runner(
+          state, data, client_ids, client_mask, (shared, server),
+          (plan, slot_inputs), key)
+      if shared_state:
+        outputs = dict(outputs)
+        finals = outputs.pop('opt_state')
+        # Dropped clients are as if not sampled; stragglers count the steps
+        # they ran.
+        outputs['client_opt_state'] = optimizers.compose_sequential(
+            start, finals, positions, outputs['weight'] > 0,
+            local_steps if plan is None else plan[1],
+            optimizers.state_decays(cfg, start))
+      return aggregate, outputs, rows
 
-    return run_with_faults
+    return run
+
+  def shared_state_update(self, outputs: dict) -> dict:
+    """`state.advance`'s keyword for the next round's shared client
+    optimizer state (`{}` without `shared_state`)."""
+    if not self.shared_optimizer_state:
+      return {}
+    return {'client_opt_state': outputs['client_opt_state']}
+
+  def finish_aggregate(self, state: state_lib.ServerState, aggregate
+                       ) -> tuple[PyTree, dict, dict]:
+    """(Δ̄, changes to `state.algorithm`, figures for the round's metrics)
+    from `self.aggregator`'s output: FedAvg's (Δ̄, Σ_k w_k) gives (Δ̄, {},
+    {}); DP's noised mean in units of C_r gives C_r·ū, the next DP state
+    (adaptive clip norm) and `dp_clip_norm` (and `dp_unclipped_fraction`)."""
+    if self.privacy is None:
+      delta, _ = aggregate
+      return delta, {}, {}
+    delta, dp, figures = self.privacy.finish(
+        state.algorithm[privacy_lib.STATE_KEY], aggregate)
+    return delta, {privacy_lib.STATE_KEY: dp}, figures
+
+
+def order_positions(client_ids: jax.Array, client_mask: jax.Array,
+                    groups: Optional[jax.Array] = None) -> jax.Array:
+  """Each slot's rank among the real slots by (group, client id); padding
+  slots rank after every real one. FedPhD's loops train the clients of edge
+  0 (by id), then those of edge 1, ...: groups = the slots' edges."""
+  ids = jnp.asarray(client_ids).astype(jnp.int32)
+  real = jnp.asarray(client_mask) > 0
+  big = jnp.iinfo(jnp.int32).max // 2
+  span = jnp.max(ids) + 1
+  keys = ids if groups is None else jnp.asarray(groups) * span + ids
+  keys = jnp.where(real, keys, big)
+  slot = jnp.arange(keys.shape[0])
+  # Rank by key, ties (padding) by slot.
+  before = (keys[None, :] < keys[:, None]) | (
+      (keys[None, :] == keys[:, None]) & (slot[None, :] < slot[:, None]))
+  return jnp.sum(before, axis=1).astype(jnp.int32)

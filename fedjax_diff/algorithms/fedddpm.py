@@ -166,6 +166,11 @@ class Algorithm(fedavg.Algorithm):
   """FedDDPM (`plus=False`) or FedDDPM+ (`plus=True`) on FedAvg's round."""
 
   name = 'fedddpm'
+  dp_unsound = (
+      'phase 1 uploads every client\'s whole locally trained model, and the '
+      'server samples its auxiliary set from them and trains on it after '
+      'every round: none of that is clipped or noised, so no client-level '
+      'guarantee covers the global model.')
 
   def __init__(self, run):
     super().__init__(run)

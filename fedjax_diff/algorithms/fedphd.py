@@ -26,6 +26,9 @@ A client left out of the round (`strategies.faults`: a non-finite upload,
 an injected fault) adds nothing to its edge's model nor to its Q, N; a round
 that keeps no client changes nothing, so a cloud aggregation due then waits
 for the next cloud round.
+With `config.client_optimizer.shared_state` the clients share one
+optimizer state, FedPhD's code's one Adam (see `algorithms.base`), in the
+order of its loops: edge by edge, clients by id within an edge.
 
 Keys: client k trains with FedAvg's key `fold_in(fold_in(rng, r), k)` and
 draws its edge with `fold_in(fold_in(fold_in(rng, SELECT_KEY_TAG), r), k)`.
@@ -60,6 +63,11 @@ class Algorithm(base.Algorithm):
   """FedPhD's hierarchy with the settings of `config.hierarchy`."""
 
   name = 'fedphd'
+  dp_unsound = (
+      "edge selection (eq. 3) and the cloud's homogeneity-aware weights "
+      "(eq. 5) are computed from each client's label distribution and "
+      'example count, which no clipping bounds and no noise covers, and '
+      'edges average updates by example count.')
 
   def __init__(self, run: base.Run):
     super().__init__(run)
@@ -158,10 +166,16 @@ class Algorithm(base.Algorithm):
           'cloud': cloud.astype(jnp.float32),
       })
       return (state_lib.advance(state, params, opt_state, self.ema_decay,
-                                client_states=rows, algorithm=new_edges),
+                                client_states=rows, algorithm=new_edges,
+                                **self.shared_state_update(outputs)),
               metrics)
 
     return round_fn
+
+  def client_order(self, client_ids, client_mask, slot_inputs):
+    """FedPhD's loops train the clients of edge 0 (by id), then edge 1's,
+    ...: the order of its one optimizer (`shared_state`)."""
+    return base.order_positions(client_ids, client_mask, groups=slot_inputs)
 
   def is_cloud_round(self, round_idx: int) -> bool:
     last = self.num_rounds if self.hierarchy.final_cloud else None

@@ -37,6 +37,17 @@ held-out loss 0.56 at round 5 against FedAvg's 0.058.
 A client left out of the round (a non-finite upload, an injected fault:
 `strategies.faults`) adds nothing to Δx or to c and keeps its c_k; a
 straggler that ran s_k < K steps divides by Σ_{s<s_k} η_s.
+Client-level DP (`config.dp`, `strategies.privacy`): Δc_k would be a
+second release of client data, so under DP the clients do not upload it.
+By option II, Δc_k = c_k⁺ − c_k = −c − Δy_k/Σ_s η_s is the public c and the
+client's own Δy_k, so the server derives Σ_{k∈S} Δc_k from the private
+aggregate instead, with the expected cohort m = qN for |S| and m·Δx for
+Σ_k Δy_k (Δx the noised mean of clipped updates):
+
+    c ← c + (m/N)·(−c − Δx/Σ_s η_s)   (post-processing: no privacy cost).
+
+Clients still keep c_k⁺ from their own (unclipped) Δy_k: it never leaves
+them. The uplink is then FedAvg's; c still goes down.
 
 Communication: x and c down, Δy_k (through the upload path) and Δc_k
 (float32) up: twice FedAvg's bytes per client and direction in float32.
@@ -119,14 +130,15 @@ class Algorithm(base.Algorithm):
     self.lr_schedule = optimizers.warmup_schedule(
         float(cfg.learning_rate), int(cfg.get('warmup_steps', 0)))
     super().__init__(run)
-    self.aggregator = control_variate_aggregator()
+    if self.privacy is None:
+      self.aggregator = control_variate_aggregator()
 
   def make_client_optimizer(self):
     return optax.chain(self.run.client_optimizer,
                        control_variate_correction(self.lr_schedule))
 
   def init(self, params):
-    return {'c': jax.tree.map(jnp.zeros_like, params)}
+    return {**super().init(params), 'c': jax.tree.map(jnp.zeros_like, params)}
 
   def client_rows(self, params):
     return {**super().client_rows(params),
@@ -160,30 +172,47 @@ class Algorithm(base.Algorithm):
       c_k = rows[ROWS]
       c_new = jax.tree.map(lambda ck, cc, xx, y: ck - cc + (xx - y) * scale,
                            c_k, c, x, update.params)
+      rows = {**rows, ROWS: c_new}
+      if self.privacy is not None:  # Δc_k is not uploaded under DP.
+        return update.update, rows
       delta_c = jax.tree.map(jnp.subtract, c_new, c_k)
-      return (update.update, delta_c), {**rows, ROWS: c_new}
+      return (update.update, delta_c), rows
 
     run_clients = self.client_round(
-        self.client_fn(start, contribution, correction), self.aggregator)
+        self.client_fn(start, contribution, correction))
 
     def round_fn(state: state_lib.ServerState, data, client_ids, client_mask):
       c = state.algorithm['c']
-      (dx, dc_sum), outputs, rows = run_clients(
+      aggregate, outputs, rows = run_clients(
           state, data, client_ids, client_mask,
           shared=((state.params, c), state.round))
+      figures, changes = {}, {}
+      if self.privacy is None:
+        dx, dc_sum = aggregate
+      else:
+        dx, changes, figures = self.finish_aggregate(state, aggregate)
+        m = float(self.privacy.expected_cohort)
+        scale = 1.0 / self.lr_sum(state.round)
+        dc_sum = jax.tree.map(lambda cc, d: -m * (cc + d * scale), c, dx)
       updates, opt_state = server_opt.update(
           jax.tree.map(jnp.negative, dx), state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       c = jax.tree.map(lambda cc, d: cc + d / num_clients, c, dc_sum)
       return (state_lib.advance(state, params, opt_state, self.ema_decay,
-                                client_states=rows, algorithm={'c': c}),
-              engine.client_metrics(outputs))
+                                client_states=rows,
+                                algorithm={**state.algorithm, **changes,
+                                           'c': c},
+                                **self.shared_state_update(outputs)),
+              {**engine.client_metrics(outputs), **figures})
 
     return round_fn
 
   def round_bytes(self, round_idx):
-    """x and c down, the upload path's Δy and a float32 Δc up, per client."""
+    """x and c down, the upload path's Δy and a float32 Δc up, per client
+    (no Δc under DP)."""
     out = super().round_bytes(round_idx)
-    extra = self.clients_per_round * comm.tree_bytes(self.run.param_shapes)
+    extra = self.cohort_size(round_idx) * comm.tree_bytes(
+        self.run.param_shapes)
     return {'downlink_bytes': out['downlink_bytes'] + extra,
-            'uplink_bytes': out['uplink_bytes'] + extra}
+            'uplink_bytes': out['uplink_bytes'] +
+                            (extra if self.privacy is None else 0)}

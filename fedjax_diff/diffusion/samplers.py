@@ -140,7 +140,8 @@ def ddim_step(schedule: schedules_lib.NoiseSchedule,
     x_t: current samples, [B, ...].
     t: the current timestep (python int, 0-d int array, or [B] int array).
     t_prev: the next (smaller) timestep of the sampling sequence; negative
-      for the last step.
+      for the last step. With a static eta = 0 it may also be larger than
+      t: the deterministic DDIM inversion step x_t -> x_{t_prev}.
     eps: predicted noise eps_theta(x_t, t), same shape as `x_t`.
     noise: z ~ N(0, I), same shape as `x_t`; may be None when eta = 0.
     eta: the stochasticity eta >= 0.
@@ -162,8 +163,13 @@ def ddim_step(schedule: schedules_lib.NoiseSchedule,
     x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
   if use_clipped_model_output:
     eps = (x_t - jnp.sqrt(a_t) * x0_hat) / jnp.sqrt(1.0 - a_t)
-  variance = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
-  sigma = eta * jnp.sqrt(variance)
+  if isinstance(eta, (int, float)) and eta == 0:
+    # Deterministic: also valid upwards (t_prev > t, DDIM inversion), where
+    # the variance formula below would be negative.
+    sigma = 0.0
+  else:
+    variance = (1.0 - a_p) / (1.0 - a_t) * (1.0 - a_t / a_p)
+    sigma = eta * jnp.sqrt(variance)
   direction = jnp.sqrt(jnp.maximum(1.0 - a_p - sigma**2, 0.0)) * eps
   x_prev = jnp.sqrt(a_p) * x0_hat + direction
   if noise is not None:

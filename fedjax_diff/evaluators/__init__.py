@@ -10,7 +10,9 @@ import ml_collections
 
 from fedjax_diff import components
 from fedjax_diff.evaluators import base
+from fedjax_diff.evaluators.base import check_params
 from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.evaluators.base import evaluated_params
 from fedjax_diff.evaluators.base import Evaluator
 from fedjax_diff.evaluators.base import is_due
 
@@ -40,4 +42,4 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 __all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'check_config',
-           'is_due']
+           'check_params', 'evaluated_params', 'is_due']

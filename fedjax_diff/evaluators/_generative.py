@@ -35,6 +35,7 @@ from fedjax_diff import data as data_lib
 from fedjax_diff.diffusion import sample
 from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.evaluators.base import evaluated_params
 from fedjax_diff.metrics import mnist_classifier
 
 _DRAWERS: dict = {}
@@ -99,7 +100,7 @@ class Generator:
     self._rng = jax.random.PRNGKey(ctx.seed + 15485863)
 
   def __call__(self, state, round_idx: int) -> np.ndarray:
-    params = state.ema_params
+    params = evaluated_params(state, self._ctx)
     last = _LAST_DRAW.get(self._key)
     if last is not None and last[0] == round_idx and last[1] is params:
       return last[2]

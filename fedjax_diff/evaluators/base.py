@@ -9,6 +9,11 @@ An `Evaluator` declares its entry's fields in `FIELDS` (name → `Field`);
 `parse(cfg, FIELDS, where)` checks an entry against them (unknown fields,
 types, ranges, choices) and fills the defaults. The evaluator's constructor
 and the config check before a run (`fedjax_diff.validation`) both use it.
+
+Which model the evaluators judge is `config.eval_params` (`EvalContext.params`):
+'ema' (default), the exponential moving average of the global parameters that
+DDPM samples from (Ho et al. 2020, arXiv 2006.11239), or 'raw', the global
+model itself, which FedPhD's code evaluates (arXiv 2507.06449).
 """
 
 import dataclasses
@@ -22,6 +27,17 @@ from fedjax_diff.diffusion import NoiseSchedule
 from fedjax_diff.state import ServerState
 
 
+PARAMS = ('ema', 'raw')
+
+
+def check_params(which: str) -> str:
+  """`which` if it names the params evaluators may read, else a ValueError."""
+  if which not in PARAMS:
+    raise ValueError(f'config.eval_params must be one of {PARAMS} (the EMA '
+                     f'or the raw global model), got {which!r}.')
+  return which
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalContext:
   """What every evaluator may use, built once by the trainer."""
@@ -33,6 +49,16 @@ class EvalContext:
   workdir: str
   seed: int
   write_images: Callable[[int, Mapping[str, Any]], None]
+  params: str = 'ema'   # which model is evaluated: 'ema' or 'raw'.
+
+  def __post_init__(self):
+    check_params(self.params)
+
+
+def evaluated_params(state: ServerState, ctx: EvalContext):
+  """The parameters the evaluators judge: `state.ema_params` or
+  `state.params`, by `ctx.params`."""
+  return state.ema_params if ctx.params == 'ema' else state.params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,10 @@
     L = E_{x0 ∈ test, t, ε} ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²
 
 (Ho et al. 2020, eq. 14), estimated with a fixed key so that values are
-comparable across rounds and runs. Reported for the EMA and the raw params.
+comparable across rounds and runs. `heldout_loss` is the loss of the model
+the evaluators judge (`config.eval_params`: the EMA by default, or the raw
+global model); the other one is reported too, as `heldout_loss_raw` or
+`heldout_loss_ema`.
 """
 
 import jax
@@ -14,6 +17,7 @@ import numpy as np
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.evaluators.base import evaluated_params
 
 
 class Evaluator:
@@ -53,10 +57,14 @@ class Evaluator:
                          jnp.arange(num_batches)).mean()
 
     self._mean_loss = jax.jit(mean_loss)
+    self._ctx = ctx
 
   def __call__(self, state, round_idx):
     del round_idx
+    other = 'raw' if self._ctx.params == 'ema' else 'ema'
     return {
-        'heldout_loss': float(self._mean_loss(state.ema_params)),
-        'heldout_loss_raw': float(self._mean_loss(state.params)),
+        'heldout_loss': float(self._mean_loss(
+            evaluated_params(state, self._ctx))),
+        f'heldout_loss_{other}': float(self._mean_loss(
+            state.params if other == 'raw' else state.ema_params)),
     }

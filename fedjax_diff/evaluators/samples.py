@@ -1,4 +1,5 @@
-"""Sample grids from the global EMA model, written as PNG to samples/.
+"""Sample grids from the evaluated global model (`config.eval_params`: the
+EMA by default, or the raw model), written as PNG to samples/.
 
 Sampling uses DDIM (Song et al. 2021, arXiv 2010.02502) with `num_steps`
 steps and η = `eta`, or DDPM ancestral sampling with method='ddpm'. A
@@ -19,6 +20,7 @@ from fedjax_diff import workdir as workdir_lib
 from fedjax_diff.diffusion import sample
 from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
+from fedjax_diff.evaluators.base import evaluated_params
 
 
 class Evaluator:
@@ -62,7 +64,8 @@ class Evaluator:
 
   def __call__(self, state, round_idx):
     # The same noise every time: grids of successive rounds are comparable.
-    images = np.asarray(self._draw(state.ema_params, self._key))
+    images = np.asarray(self._draw(evaluated_params(state, self._ctx),
+                                   self._key))
     if workdir_lib.is_writer():
       path = os.path.join(workdir_lib.samples_dir(self._ctx.workdir),
                           f'round_{round_idx:06d}.png')

@@ -18,19 +18,42 @@ index `offset + c` along `axis` of every member. Groups of the UNet of
   `norm2`, `conv2` in);
 * residual streams: tensors tied by identity additions share channels. The
   stem `conv_in` and every block of level 0 without a 1x1 skip add onto one
-  stream; a block with a skip conv (width change) starts a new stream; the
-  attention blocks (`x + proj_out(...)`, and their q/k/v/proj widths, which
-  the UNet ties to the input width: one head of the stream's width), the
-  down- and upsampling convs (whose width the UNet ties to their input) join
-  their input's stream. The skip concatenations `concat([h, skip])` of the
-  up path read two streams: each is a member at its offset in the
-  concatenated input of `norm1`, `conv1` and `skip`;
+  stream; a block with a skip conv (width change, and every up-path block,
+  which reads a concatenation) starts a new stream; the attention blocks
+  (`x + proj_out(...)`, and their q/k/v/proj widths, which the UNet ties to
+  the input width: one head of the stream's width) join their input's
+  stream. The down- and upsampling convs read one stream and start another
+  (a conv's input and output channels are independent, as in DepGraph):
+  the downsampling conv's output is the stream of the next level's first
+  block when that block has no skip conv. The skip concatenations
+  `concat([h, skip])` of the up path read two streams: each is a member at
+  its offset in the concatenated input of `norm1`, `conv1` and `skip`;
+* the stream that enters an upsampling conv (the output of the level's last
+  up-path block and of its attention block) is kind 'upsample_in': without
+  attention no GroupNorm reads it, so it may keep a count of its own
+  (`UNet.upsample_in_widths`);
 * the output conv's output channels (the image channels) are never pruned,
   nor is the input conv's input.
 
-GroupNorm ties counts, not indices: a group that feeds a GroupNorm keeps a
-multiple of its `num_groups` channels (`granularity`), so that the compact
-model still has `num_groups` equal groups (see `compact.py`).
+GroupNorm ties channels in blocks: a group that feeds a GroupNorm has
+`granularity` = its `num_groups`, and its channel c lies in GroupNorm block
+c // (size / num_groups) at position c mod (size / num_groups) (flax's and
+PyTorch's GroupNorm split channels into contiguous blocks). How many
+channels a group keeps at a pruning ratio r is a `rule` (`kept_count`):
+
+* 'torch_pruning' (FedPhD's, arXiv 2507.06449: torch-pruning >= 1.4's
+  MetaPruner with local pruning, as FedPhD's code calls it): a group of u
+  positions per block (u = size / granularity) keeps ⌊u·(1 − r)⌋ positions,
+  the same ones in every block (`pruning.select` ranks positions by their
+  importance averaged over the blocks). At r = 0.2 the DDPM CIFAR-10 UNet
+  keeps 96 of 128, 192 of 256, 409 of the 512 time-embedding channels and
+  204 of the 256 channels entering an upsampling conv without attention:
+  20,340,086 parameters and 3.42 GMACs, FedPhD's 20.34M / 3.42 G; at
+  r = 0.4, 9,259,190 parameters (64; 128; 307; 153).
+* 'nearest' (this library's earlier rule): granularity·round(u·(1 − r))
+  channels, chosen freely among the whole group (`pruning.select` regroups
+  the kept channels into blocks by rank). It keeps closer to the nominal
+  ratio (256 → 160 at r = 0.4, where 'torch_pruning' keeps 128).
 
 The groups are built from the parameter tree alone (arrays or
 `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`), so the 35.7M CIFAR-10
@@ -63,11 +86,11 @@ class ChannelGroup:
   Attributes:
     name: where the group starts, e.g. 'stream:down_1_res_0' or
       'inner:up_2_res_1'.
-    kind: 'stream', 'inner', 'temb_hidden' or 'temb'.
+    kind: 'stream', 'upsample_in', 'inner', 'temb_hidden' or 'temb'.
     size: number of channels.
     members: the (path, axis, offset) slices.
-    granularity: the kept count must be a multiple of it (GroupNorm's
-      num_groups for groups read by a GroupNorm, else 1).
+    granularity: GroupNorm's num_groups for groups read by a GroupNorm
+      (the kept count is a multiple of it), else 1.
     level: resolution level of a stream / inner group (None for temb).
   """
   name: str
@@ -152,11 +175,13 @@ def unet_channel_groups(params: PyTree, num_groups: int = 32
   if 'label_embed' in params:
     temb.add(('label_embed', 'embedding'), 1)
 
-  def res_block(name: str, pieces, level: int) -> ChannelGroup:
-    out_ch = _shape(params, (name, 'conv1', 'kernel'))[-1]
+  def res_block(name: str, pieces, level: int,
+                kind: str = 'stream') -> ChannelGroup:
+    inner_ch = _shape(params, (name, 'conv1', 'kernel'))[-1]
+    out_ch = _shape(params, (name, 'conv2', 'kernel'))[-1]
     add_norm(pieces, (name, 'norm1'))
     add_in(pieces, (name, 'conv1'))
-    inner = new(f'inner:{name}', 'inner', out_ch, level)
+    inner = new(f'inner:{name}', 'inner', inner_ch, level)
     add_out(inner, (name, 'conv1'))
     add_out(inner, (name, 'temb_proj'))
     temb.add((name, 'temb_proj', 'kernel'), 0)
@@ -164,7 +189,7 @@ def unet_channel_groups(params: PyTree, num_groups: int = 32
     add_in([(inner, 0)], (name, 'conv2'))
     if 'skip' in params[name]:
       add_in(pieces, (name, 'skip'))
-      out = new(f'stream:{name}', 'stream', out_ch, level)
+      out = new(f'stream:{name}', kind, out_ch, level)
       add_out(out, (name, 'skip'))
     else:
       if len(pieces) != 1:
@@ -179,9 +204,13 @@ def unet_channel_groups(params: PyTree, num_groups: int = 32
       add_in([(g, 0)], (name, layer))
       add_out(g, (name, layer))
 
-  def resample(name: str, g: ChannelGroup):
+  def resample(name: str, g: ChannelGroup, level: int) -> ChannelGroup:
+    """A down/upsampling conv: reads `g`, starts a stream of its own."""
     add_in([(g, 0)], (name, 'conv'))
-    add_out(g, (name, 'conv'))
+    out = new(f'stream:{name}', 'stream',
+              _shape(params, (name, 'conv', 'kernel'))[-1], level)
+    add_out(out, (name, 'conv'))
+    return out
 
   stem = new('stream:conv_in', 'stream', _shape(params, ('conv_in', 'kernel'))[-1], 0)
   add_out(stem, ('conv_in',))
@@ -193,19 +222,20 @@ def unet_channel_groups(params: PyTree, num_groups: int = 32
         attn_block(f'down_{i}_attn_{j}', h)
       hs.append(h)
     if i != num_levels - 1:
-      resample(f'down_{i}_downsample', hs[-1])
-      hs.append(hs[-1])
+      hs.append(resample(f'down_{i}_downsample', hs[-1], i))
   h = res_block('mid_res_0', [(hs[-1], 0)], num_levels - 1)
   attn_block('mid_attn', h)
   h = res_block('mid_res_1', [(h, 0)], num_levels - 1)
   for i in reversed(range(num_levels)):
     for j in range(num_res + 1):
       skip = hs.pop()
-      h = res_block(f'up_{i}_res_{j}', [(h, 0), (skip, h.size)], i)
+      last = j == num_res and i != 0
+      h = res_block(f'up_{i}_res_{j}', [(h, 0), (skip, h.size)], i,
+                    'upsample_in' if last else 'stream')
       if f'up_{i}_attn_{j}' in params:
         attn_block(f'up_{i}_attn_{j}', h)
     if i != 0:
-      resample(f'up_{i}_upsample', h)
+      h = resample(f'up_{i}_upsample', h, i)
   add_norm([(h, 0)], ('norm_out',))
   add_in([(h, 0)], ('conv_out',))
   _check_coverage(params, groups)
@@ -230,21 +260,41 @@ def _check_coverage(params: PyTree, groups: list[ChannelGroup]):
             f'{m.offset}: the UNet changed without channel_groups.py.')
 
 
-def kept_count(size: int, ratio: float, granularity: int = 1) -> int:
+RULES = ('torch_pruning', 'nearest')
+
+
+def check_rule(rule: str) -> str:
+  if rule not in RULES:
+    raise ValueError(f'Unknown pruning rule {rule!r}; use one of {RULES}.')
+  return rule
+
+
+def kept_count(size: int, ratio: float, granularity: int = 1,
+               rule: str = 'torch_pruning') -> int:
   """Channels kept when pruning `ratio` of a group of `size`.
 
-  keep = granularity · round((1 − ratio) · size / granularity), at least one
-  unit: a group read by a GroupNorm keeps whole multiples of its group count
-  (at ratio 0.2 the DDPM CIFAR-10 UNet's 128 → 96 and 256 → 192), others
-  keep round((1 − ratio)·size) channels (512 → 410).
+  With u = size / granularity positions per GroupNorm block (u = size for
+  a group no GroupNorm reads), the group keeps granularity·k channels,
+
+      'torch_pruning':  k = ⌊u·(1 − ratio)⌋   (torch-pruning's
+                        `int(u * (1 - ratio))`, the same float expression);
+      'nearest':        k = round(u·(1 − ratio)),
+
+  and at least one position. E.g. ratio 0.2, DDPM's CIFAR-10 UNet:
+  128 → 96 and 256 → 192 under both rules (32 blocks of 4 and 8
+  positions), 512 → 409 ('torch_pruning') or 410 ('nearest').
   """
+  check_rule(rule)
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f'pruning ratio must be in [0, 1), got {ratio!r}.')
   if size % granularity:
     raise ValueError(f'group size {size} is not a multiple of its '
                      f'granularity {granularity}.')
   units = size // granularity
-  keep = int(np.floor((1.0 - ratio) * units + 0.5))
+  if rule == 'torch_pruning':
+    keep = int(units * (1 - ratio))
+  else:
+    keep = int(np.floor((1.0 - ratio) * units + 0.5))
   return granularity * min(max(keep, 1), units)
 
 
@@ -269,10 +319,12 @@ def axis_layout(groups: list[ChannelGroup]) -> dict[Path, dict[int, Segments]]:
   return layout
 
 
-def kept_counts(groups: list[ChannelGroup], ratio: float) -> dict[str, int]:
+def kept_counts(groups: list[ChannelGroup], ratio: float,
+                rule: str = 'torch_pruning') -> dict[str, int]:
   """`kept_count` of every group at a uniform `ratio` (FedPhD prunes every
   group by the same ratio: torch-pruning's local, non-global pruning)."""
-  return {g.name: kept_count(g.size, ratio, g.granularity) for g in groups}
+  return {g.name: kept_count(g.size, ratio, g.granularity, rule)
+          for g in groups}
 
 
 def pruned_shapes(params: PyTree, groups: list[ChannelGroup],

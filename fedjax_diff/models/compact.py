@@ -14,7 +14,11 @@ GroupNorms normalise over the live channels only and its attention scales
 logits by the live width, which is exactly what the compact model computes,
 so `compact`'s outputs equal the masked model's (up to float summation
 order). This needs every group read by a GroupNorm to keep a multiple of
-`num_groups` channels (`channel_groups.kept_count` ensures it).
+`num_groups` channels (`channel_groups.kept_count` ensures it). With the
+'torch_pruning' rule every GroupNorm block keeps the same positions, so
+each group of the compact GroupNorm holds the kept channels of one original
+group: the compact model is the original one with channels removed. The
+'nearest' rule keeps channels freely and regroups them by rank.
 """
 
 from typing import Any
@@ -66,7 +70,8 @@ def compact_params(params: PyTree, groups: list[cg.ChannelGroup],
 
 def compact_widths(groups: list[cg.ChannelGroup],
                    channels: dict[str, Any]) -> dict[str, Any]:
-  """The compact UNet's `stem_width`, `level_widths` and `temb_width`.
+  """The compact UNet's `stem_width`, `level_widths`, `temb_width` and
+  `upsample_in_widths`.
 
   Raises:
     ValueError: groups of one level (or the two time-embedding groups)
@@ -75,11 +80,14 @@ def compact_widths(groups: list[cg.ChannelGroup],
   kept = {g.name: int(np.sum(np.asarray(channels[g.name]) > 0.5))
           for g in groups}
   levels: dict[int, set[int]] = {}
+  upsample_in: dict[int, int] = {}
   temb = set()
   stem = None
   for g in groups:
     if g.name == 'stream:conv_in':
       stem = kept[g.name]
+    elif g.kind == 'upsample_in':
+      upsample_in[g.level] = kept[g.name]
     elif g.kind in ('stream', 'inner'):
       levels.setdefault(g.level, set()).add(kept[g.name])
     else:
@@ -91,9 +99,11 @@ def compact_widths(groups: list[cg.ChannelGroup],
         f'different counts within a level {bad} or in the time embedding '
         f'{sorted(temb)}; prune every group of a level by the same ratio '
         '(pruning.select does).')
-  return {'stem_width': stem,
-          'level_widths': tuple(levels[i].pop() for i in sorted(levels)),
-          'temb_width': temb.pop()}
+  level_widths = tuple(levels[i].pop() for i in sorted(levels))
+  return {'stem_width': stem, 'level_widths': level_widths,
+          'temb_width': temb.pop(),
+          'upsample_in_widths': tuple(upsample_in.get(i, w)
+                                      for i, w in enumerate(level_widths))}
 
 
 def compact_model(model: unet_lib.UNet, groups: list[cg.ChannelGroup],

@@ -252,7 +252,9 @@ class ResBlock(nn.Module):
 
   GroupNorm -> swish -> conv3x3 -> + Dense(swish(temb)) -> GroupNorm ->
   swish -> dropout -> conv3x3 (near-zero init), plus a 1x1 projection of the
-  input when the number of channels changes.
+  input when the number of channels changes. The inner width (conv1's
+  output, the second GroupNorm) is `inner_ch`, `out_ch` by default; a
+  pruned block may keep fewer inner than output channels.
   """
   out_ch: int
   dropout: float
@@ -263,15 +265,17 @@ class ResBlock(nn.Module):
   # passes the unpruned architecture's answer.
   skip: Optional[bool] = None
   channel_masks: bool = False
+  inner_ch: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, *, train: bool) -> Array:
     norm = functools.partial(_norm, self.num_groups, self.dtype,
                              channel_masks=self.channel_masks)
+    inner = self.out_ch if self.inner_ch is None else self.inner_ch
     h = nn.swish(norm(name='norm1')(x))
-    h = _conv(self.out_ch, 3, self.dtype, name='conv1',
+    h = _conv(inner, 3, self.dtype, name='conv1',
               conv_impl=self.conv_impl)(h)
-    h = h + _dense(self.out_ch, self.dtype, name='temb_proj')(
+    h = h + _dense(inner, self.dtype, name='temb_proj')(
         nn.swish(temb))[:, None, None, :]
     h = nn.swish(norm(name='norm2')(h))
     if self.dropout > 0:
@@ -333,14 +337,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2 upsampling followed by a 3x3 conv."""
+  """Nearest-neighbour x2 upsampling followed by a 3x3 conv to `features`
+  channels (None: as many as the input)."""
   dtype: Dtype = jnp.float32
   conv_impl: str = 'xla'
+  features: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, self.dtype, name='conv',
+    features = x.shape[-1] if self.features is None else self.features
+    return _conv(features, 3, self.dtype, name='conv',
                  conv_impl=self.conv_impl)(x)
 
 
@@ -376,6 +383,15 @@ class UNet(nn.Module):
       conv), these fields the widths that remain.
     stem_width: width of `conv_in`'s output; None means `ch`.
     temb_width: width of the time-embedding MLP; None means `4 * ch`.
+    upsample_in_widths: per level, the width of the stream that enters the
+      level's upsampling conv (the output of the level's last up-path
+      residual block, and of its attention block if any); None means
+      `level_widths`. Structured pruning sets it: torch-pruning's DepGraph
+      (the pruner of FedPhD, arXiv 2507.06449) prunes an upsampling conv's
+      input and output channels as separate groups, and without attention
+      no GroupNorm reads the input, so it keeps a different count (see
+      `models.channel_groups`). Level 0 has no upsampling: its entry is
+      unused.
     channel_masks: GroupNorms and attention read live-channel masks from
       the 'channel_masks' collection, so that a masked (pruned but not
       compacted) UNet computes exactly what its compact model does (see
@@ -395,6 +411,19 @@ class UNet(nn.Module):
   stem_width: Optional[int] = None
   temb_width: Optional[int] = None
   channel_masks: bool = False
+  upsample_in_widths: Optional[Sequence[int]] = None
+
+  def _upsample_in_widths(self) -> tuple[int, ...]:
+    """`upsample_in_widths` in use (the level widths by default)."""
+    _, levels, _ = self._widths()
+    if self.upsample_in_widths is None:
+      return levels
+    widths = tuple(self.upsample_in_widths)
+    if len(widths) != len(levels) or min(widths) < 1:
+      raise ValueError(
+          f'UNet.upsample_in_widths={widths} must have one width >= 1 per '
+          f'level (ch_mult={tuple(self.ch_mult)}).')
+    return widths
 
   def _widths(self) -> tuple[int, tuple[int, ...], int]:
     """(stem width, per-level widths, time-embedding width) in use."""
@@ -543,18 +572,28 @@ class UNet(nn.Module):
         h, temb, train=train)
     h_orig = hs_orig[-1]
 
-    # Up path.
+    # Up path. The last block of a level with an upsampling conv may have
+    # its own output width (`upsample_in_widths`); the upsampling conv maps
+    # it back to the level's width.
+    upsample_in = self._upsample_in_widths()
     for i in reversed(range(num_levels)):
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h_orig += hs_orig.pop()
-        h = res_block(level_widths[i], skip=h_orig != orig[i],
+        last = j == self.num_res_blocks and i != 0
+        width = upsample_in[i] if last else level_widths[i]
+        h = res_block(width, skip=h_orig != orig[i], inner_ch=level_widths[i],
                       name=f'up_{i}_res_{j}')(h, temb, train=train)
         h_orig = orig[i]
         if h.shape[1] in self.attn_resolutions:
+          if width % self.num_groups:
+            raise ValueError(
+                f'UNet.upsample_in_widths[{i}]={width} is read by the '
+                f'GroupNorm of up_{i}_attn_{j}, so it must be a multiple of '
+                f'num_groups={self.num_groups}.')
           h = attn_block(name=f'up_{i}_attn_{j}')(h)
       if i != 0:
-        h = Upsample(self.dtype, self.conv_impl,
+        h = Upsample(self.dtype, self.conv_impl, features=level_widths[i],
                      name=f'up_{i}_upsample')(h)
     assert not hs, len(hs)
 
@@ -572,9 +611,10 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
   Args:
     cfg: with fields `ch`, `ch_mult`, `num_res_blocks`, `attn_resolutions`,
       `dropout`, and optionally `num_classes` (default None), `num_groups`
-      (default 32), `out_ch` (default: input channels) and the pruned
-      widths `level_widths`, `stem_width`, `temb_width` (default None: the
-      unpruned widths; see `UNet`).
+      (default 32), `out_ch` (default: input channels), `dtype` ('float32'
+      or 'bfloat16', `compute_dtype`), `conv_impl` and the pruned
+      widths `level_widths`, `stem_width`, `temb_width`,
+      `upsample_in_widths` (default None: the unpruned widths; see `UNet`).
 
   Returns:
     The (unbound) UNet module; `check_config()` checks the widths and
@@ -615,10 +655,29 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       num_classes=None if num_classes is None else int(num_classes),
       out_ch=None if out_ch is None else int(out_ch),
       num_groups=int(cfg.get('num_groups', 32)),
+      dtype=compute_dtype(cfg.get('dtype', 'float32')),
       conv_impl=resolve_conv_impl(cfg.get('conv_impl', 'xla')),
       level_widths=_optional_ints(cfg.get('level_widths', None)),
       stem_width=_optional_int(cfg.get('stem_width', None)),
-      temb_width=_optional_int(cfg.get('temb_width', None)))
+      temb_width=_optional_int(cfg.get('temb_width', None)),
+      upsample_in_widths=_optional_ints(cfg.get('upsample_in_widths', None)))
+
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """`config.model.dtype` → the UNet's compute dtype.
+
+  'bfloat16' is mixed precision: activations and matmuls in bfloat16, with
+  float32 parameters (so gradients, the optimizer state, client updates and
+  their aggregation stay float32) and a float32 output ε̂, hence a float32
+  loss. 'float32' computes everything in float32.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'config.model.dtype={name!r}; use one of '
+                     f'{sorted(COMPUTE_DTYPES)}.')
+  return COMPUTE_DTYPES[name]
 
 
 def _optional_int(v):

@@ -5,10 +5,14 @@ config without them is plain FedAvg):
 
     config.prox_mu            FedDM-prox's μ; > 0 puts `proximal(μ)` first in
                               the client optimizer chain.
-    config.group_lasso        λ > 0 adds FedPhD's sparse-training penalty
+    config.group_lasso        λ > 0 adds the sparse-training penalty
                               λ·Σ‖θ_{g,c}‖₂ over UNet channel groups
                               (`pruning.group_lasso`; set by
                               config.pruning.schedule='after_sparse').
+    config.frobenius_penalty  λ > 0 adds FedPhD's sparse-training penalty
+                              λ·Σ_W ‖W‖_F over weight tensors
+                              (`pruning.frobenius_penalty`; set by
+                              'after_sparse' with penalty='frobenius').
     config.upload.quantize_bits      0 (off), or 2..16 (FedDM-quant: 8, 4, 2)
     config.upload.granularity        'per_tensor' | 'per_channel'
     config.upload.rounding           'nearest' | 'stochastic'
@@ -18,6 +22,9 @@ config without them is plain FedAvg):
     config.upload.calib_steps        'calibrated': DDIM steps to t ≈ 0.4·T
     config.upload.calib_t_frac       'calibrated': the centre, 0.4
     config.upload.calib_t_spread     'calibrated': its spread, 0.05
+    config.dp                 client-level DP (`strategies.privacy`, which
+                              parses it): puts `clipping.clip` first in the
+                              upload chain, before any quantizer.
 
 Any combination composes: e.g. prox_mu=0.01 with 4-bit quantization and
 error feedback trains with the proximal term and uploads EF-quantized
@@ -30,6 +37,7 @@ from typing import Any, Callable, Optional
 import ml_collections
 
 from fedjax_diff.diffusion import NoiseSchedule
+from fedjax_diff.strategies import privacy as privacy_lib
 from fedjax_diff.strategies import proximal as proximal_lib
 from fedjax_diff.strategies import pruning as pruning_lib
 from fedjax_diff.strategies import quantize as quantize_lib
@@ -40,11 +48,12 @@ from fedjax_diff.strategies.calibration import Calibration
 def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
   """Transforms put first in the client optimizer chain (raw gradients).
 
-  `[proximal(prox_mu)]` when `config.prox_mu > 0`, else `[]` (so μ = 0 is
-  exactly FedAvg's optimizer).
+  `[proximal(prox_mu)]` when `config.prox_mu > 0`, then the sparse-training
+  penalties whose λ > 0 (`group_lasso`, `frobenius_penalty`); `[]` when
+  none is on (so μ = 0 is exactly FedAvg's optimizer).
 
   Raises:
-    ValueError: prox_mu is negative or not a number.
+    ValueError: prox_mu or a penalty's λ is negative or not a number.
   """
   mu = config.get('prox_mu', 0.0)
   try:
@@ -64,6 +73,11 @@ def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
   if lam > 0:
     out.append(pruning_lib.group_lasso(
         None, lam, num_groups=int(config.model.get('num_groups', 32))))
+  lam = float(config.get('frobenius_penalty', 0.0) or 0.0)
+  if lam < 0:
+    raise ValueError(f'config.frobenius_penalty must be >= 0, got {lam!r}.')
+  if lam > 0:
+    out.append(pruning_lib.frobenius_penalty(lam))
   return out
 
 
@@ -133,19 +147,27 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
                        image_shape: Optional[tuple[int, ...]] = None,
                        num_classes: Optional[int] = None
                        ) -> Optional[upload_lib.UploadTransform]:
-  """The upload transform of `config.upload`; None means FedAvg's raw Δ.
+  """The upload transform of `config.upload` and `config.dp`; None means
+  FedAvg's raw Δ.
 
-  The chain is [quantizer], wrapped in `error_feedback` when asked. The
-  keyword arguments are needed for scale_method='calibrated' only (they
-  describe the model the calibration samples from).
+  The chain is [clip (under config.dp), quantizer], the quantizer wrapped
+  in `error_feedback` when asked: clipping comes first, so the quantizer
+  encodes the clipped update. With stochastic rounding and scales that clip
+  ('mse', 'calibrated'), the quantizer carries the clipped mass to the
+  client's next update, so the upload stays unbiased (error feedback's
+  residual carries it instead when on). The keyword arguments are needed
+  for scale_method='calibrated' only (they describe the model the
+  calibration samples from).
 
   Raises:
-    ValueError: an invalid or inconsistent `config.upload`.
+    ValueError: an invalid or inconsistent `config.upload` or `config.dp`.
   """
   settings = upload_settings(config)
+  dp = privacy_lib.Settings.from_config(config)
+  clip = [dp.upload_stage()] if dp is not None else []
   qcfg = settings.quantization
   if qcfg is None:
-    return None
+    return upload_lib.chain(*clip) if clip else None
   calibration = None
   if qcfg.scale_method == 'calibrated':
     if eps_fn is None or schedule is None or image_shape is None:
@@ -155,7 +177,9 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
     calibration = Calibration(
         eps_fn=eps_fn, schedule=schedule, image_shape=tuple(image_shape),
         num_classes=num_classes, **settings.calibration)
-  transform = upload_lib.quantizer(qcfg, calibration)
   if settings.error_feedback:
-    transform = upload_lib.error_feedback(transform)
-  return transform
+    transform = upload_lib.error_feedback(
+        upload_lib.quantizer(qcfg, calibration, carry_clipped=False))
+  else:
+    transform = upload_lib.quantizer(qcfg, calibration)
+  return upload_lib.chain(*clip, transform)

@@ -246,8 +246,9 @@ def isolate(keep, *trees) -> jax.Array:
 def skip_if_none_kept(old, new, weights: jax.Array):
   """The state after a round: `new`, or, when no client of the round was
   kept (every weight 0), `old` with only its round counter advanced to
-  `new.round` (params, EMA, server optimizer and algorithm state unchanged;
-  client rows are `new`'s, which the engine left as they were)."""
+  `new.round` (params, EMA, server optimizer, algorithm state and shared
+  client optimizer state unchanged; client rows are `new`'s, which the
+  engine left as they were)."""
   any_kept = jnp.any(weights > 0)
   pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(any_kept, x, y),
                                    a, b)
@@ -255,7 +256,8 @@ def skip_if_none_kept(old, new, weights: jax.Array):
       params=pick(new.params, old.params),
       ema_params=pick(new.ema_params, old.ema_params),
       opt_state=pick(new.opt_state, old.opt_state),
-      algorithm=pick(new.algorithm, old.algorithm))
+      algorithm=pick(new.algorithm, old.algorithm),
+      client_opt_state=pick(new.client_opt_state, old.client_opt_state))
 
 
 def round_counts(metrics) -> dict[str, int]:

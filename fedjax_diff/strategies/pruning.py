@@ -2,11 +2,21 @@
 
 FedPhD (Long et al., arXiv 2507.06449) prunes the DDPM UNet by channel
 groups (`models.channel_groups`) before federated training, ranking the
-channels of each group by the L2 norm of everything they own; Diff-Pruning
+channels of each group by the L2 norm of the weights they own; Diff-Pruning
 (Fang et al., arXiv 2305.10924) ranks them by a first-order Taylor estimate
 of how much the diffusion loss changes when they are removed. Every group
-keeps `kept_count(size, ratio)` channels (the same ratio for every group,
-FedPhD's setting), the most important ones.
+keeps `kept_count(size, ratio, granularity, rule)` channels (the same ratio
+for every group, FedPhD's setting), the most important ones (`select`):
+
+* rule 'torch_pruning' (FedPhD's code, torch-pruning's MetaPruner with
+  GroupNormImportance(p=2)): a channel's score is Σ θ² over its members'
+  kernels (conv and dense weights: no biases, no GroupNorm scale or bias,
+  no embedding table, torch-pruning's default target layers), a GroupNorm
+  position's score the mean over the blocks of its channels' scores, and
+  the group keeps the ⌊u·(1 − r)⌋ best positions in every block;
+* rule 'nearest' (this library's earlier rule): ‖θ_{g,c}‖₂ over every
+  parameter the channel owns, and the group keeps its best
+  granularity·round(u·(1 − r)) channels wherever they are.
 
 A pruning decision is a dict `channels` mapping each group name to a float
 vector of 0/1 (1 = kept) of the group's size. It is tiny, and
@@ -19,13 +29,16 @@ channels, are always kept).
   in the client chain (after Adam) the final update of a pruned entry is
   exactly 0, so parameters that start at 0 (`apply_masks`) stay exactly 0;
   put first, pruned gradients are out of the clipping norm too.
-* `group_lasso(groups, lam)`: the sparse-training penalty
+* `group_lasso(groups, lam)`: a sparse-training penalty
   λ·Σ_g Σ_c ‖θ_{g,c}‖₂ (group lasso, Yuan & Lin 2006; as structured
   sparsity for channels, Wen et al. 2016, arXiv 1608.03665), whose
   gradient λ·θ_{g,c}/‖θ_{g,c}‖₂ this transform adds to the incoming
-  gradient. FedPhD's code adds λ·Σ_W ‖W‖₂ over whole weight tensors during
-  its optional sparse training; the per-channel group norm is what the
-  pruner's channel ranking then exploits.
+  gradient: it drives whole channels to zero, which the channel ranking
+  then exploits.
+* `frobenius_penalty(lam)`: FedPhD's sparse-training penalty as its code
+  writes it, λ·Σ_W ‖W‖_F over whole weight tensors (what PyTorch names
+  'weight': conv and dense kernels, GroupNorm scales, embedding tables),
+  gradient λ·W/‖W‖_F. It shrinks whole tensors, not channels.
 * `mask_upload(groups, channels, counts)`: the upload stage Δ ↦ Δ ⊙ M,
   whose message carries only the kept entries (and the channel bitmask
   when `send_mask`, Σ_g size_g bits), so pruned channels cost nothing on
@@ -51,6 +64,12 @@ PyTree = Any
 Channels = dict[str, jax.Array]
 
 IMPORTANCES = ('l2', 'taylor')
+# Which parameters a channel's importance sums over: 'kernels' (conv and
+# dense kernels only: torch-pruning's default target layers, without
+# biases) or 'all' (every parameter the channel owns).
+IMPORTANCE_PARAMS = ('kernels', 'all')
+# The importance terms each rule uses unless told otherwise.
+DEFAULT_IMPORTANCE_PARAMS = {'torch_pruning': 'kernels', 'nearest': 'all'}
 
 
 def _key(path) -> tuple[str, ...]:
@@ -79,12 +98,23 @@ def _jit_unless_traced(fn, *trees):
   return jax.jit(fn)(*trees)
 
 
-def _group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
-  """For each group, Σ over its members' slices of channel c: [size]."""
+def _check_terms(terms: str) -> str:
+  if terms not in IMPORTANCE_PARAMS:
+    raise ValueError(f'importance params must be one of {IMPORTANCE_PARAMS}, '
+                     f'got {terms!r}.')
+  return terms
+
+
+def _group_sums(tree: PyTree, groups: list[cg.ChannelGroup],
+                terms: str = 'all') -> Channels:
+  """For each group, Σ over its members' slices of channel c: [size];
+  with terms='kernels', over the members that are a 'kernel' only."""
   out = {}
   for g in groups:
     total = jnp.zeros((g.size,), jnp.float32)
     for m in g.members:
+      if terms == 'kernels' and m.path[-1] != 'kernel':
+        continue
       total = total + _per_channel(
           jnp.asarray(_leaf(tree, m.path), jnp.float32), m.axis, m.offset,
           g.size)
@@ -92,34 +122,42 @@ def _group_sums(tree: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
   return out
 
 
-def l2_importance(params: PyTree, groups: list[cg.ChannelGroup]) -> Channels:
-  """FedPhD's group-norm importance: I_{g,c} = ‖θ_{g,c}‖₂.
+def l2_importance(params: PyTree, groups: list[cg.ChannelGroup],
+                  terms: str = 'all') -> Channels:
+  """The group-norm importance: I_{g,c} = ‖θ_{g,c}‖₂.
 
   θ_{g,c} is every parameter entry channel c of group g owns (all member
-  slices), as torch-pruning's GroupNormImportance(p=2) that FedPhD
-  (arXiv 2507.06449) uses.
+  slices; terms='kernels': the slices of conv and dense kernels only, the
+  layers torch-pruning's GroupNormImportance(p=2), FedPhD's criterion
+  (arXiv 2507.06449), scores by default). `select`'s 'torch_pruning' rule
+  ranks by I² = Σ θ², torch-pruning's score.
   """
+  _check_terms(terms)
+
   def fn(params):
     sq = _group_sums(jax.tree.map(
-        lambda p: jnp.square(p.astype(jnp.float32)), params), groups)
+        lambda p: jnp.square(p.astype(jnp.float32)), params), groups, terms)
     return {k: jnp.sqrt(v) for k, v in sq.items()}
 
   return _jit_unless_traced(fn, params)
 
 
 def taylor_importance(params: PyTree, grads: PyTree,
-                      groups: list[cg.ChannelGroup]) -> Channels:
+                      groups: list[cg.ChannelGroup],
+                      terms: str = 'all') -> Channels:
   """Diff-Pruning's first-order Taylor importance (arXiv 2305.10924, Eq. 8).
 
   Removing θ_{g,c} changes the loss by ≈ −∇L·θ_{g,c}; the importance is
   I_{g,c} = Σ_{i ∈ (g,c)} |θ_i · ∂L/∂θ_i|, with ∇L the gradient of the
   diffusion loss (`taylor_gradients` averages it over timesteps and
-  batches).
+  batches); terms='kernels' sums over kernel entries only.
   """
+  _check_terms(terms)
+
   def fn(params, grads):
     return _group_sums(jax.tree.map(
         lambda p, d: jnp.abs(p.astype(jnp.float32) * d.astype(jnp.float32)),
-        params, grads), groups)
+        params, grads), groups, terms)
 
   return _jit_unless_traced(fn, params, grads)
 
@@ -130,7 +168,7 @@ def taylor_gradients(loss_fn: Callable[..., jax.Array], params: PyTree,
   """Mean over `num_batches` noise/timestep draws of ∇_θ loss_fn.
 
   `loss_fn(params, x, labels, rng) -> scalar` is the diffusion loss of the
-  trainer (`trainer.make_loss_fn`): each draw samples t ~ U{0..T−1} and
+  trainer (`experiment.make_loss_fn`): each draw samples t ~ U{0..T−1} and
   ε ~ N(0, I) afresh, so the mean covers the whole range of timesteps that
   Diff-Pruning accumulates over.
   """
@@ -149,22 +187,39 @@ def taylor_gradients(loss_fn: Callable[..., jax.Array], params: PyTree,
 
 
 def select(importance: Channels, groups: list[cg.ChannelGroup],
-           ratio: float) -> Channels:
-  """Keeps the `kept_count(size, ratio)` most important channels per group.
+           ratio: float, rule: str = 'torch_pruning') -> Channels:
+  """Keeps the `kept_count(size, ratio, granularity, rule)` most important
+  channels of every group.
+
+  'torch_pruning': with G = granularity blocks of u positions (channel
+  c = b·u + j is position j of block b), position j scores
+  s_j = (1/G)·Σ_b importance[b·u + j] (torch-pruning's mean over GroupNorm
+  groups), the ⌊u·(1 − ratio)⌋ best positions are kept, the same ones in
+  every block. 'nearest': the best G·round(u·(1 − ratio)) channels of the
+  whole group. Pass the importance on the scale the rule ranks: for
+  FedPhD's L2 criterion under 'torch_pruning', squared norms (Σ θ²).
 
   Returns:
     group name -> float32 0/1 vector (1 = kept). Ties keep the lower index.
   """
+  cg.check_rule(rule)
   out = {}
   for g in groups:
     imp = np.asarray(importance[g.name], np.float64)
     if imp.shape != (g.size,):
       raise ValueError(f'importance of {g.name} has shape {imp.shape}, '
                        f'expected ({g.size},).')
-    k = cg.kept_count(g.size, ratio, g.granularity)
-    order = np.argsort(-imp, kind='stable')[:k]
-    keep = np.zeros(g.size, np.float32)
-    keep[order] = 1.0
+    k = cg.kept_count(g.size, ratio, g.granularity, rule)
+    if rule == 'torch_pruning':
+      units = g.size // g.granularity
+      score = imp.reshape(g.granularity, units).mean(axis=0)
+      best = np.argsort(-score, kind='stable')[:k // g.granularity]
+      positions = np.zeros(units, np.float32)
+      positions[best] = 1.0
+      keep = np.tile(positions, g.granularity)
+    else:
+      keep = np.zeros(g.size, np.float32)
+      keep[np.argsort(-imp, kind='stable')[:k]] = 1.0
     out[g.name] = jnp.asarray(keep)
   return out
 
@@ -317,6 +372,61 @@ def group_lasso_penalty(params: PyTree, groups: list[cg.ChannelGroup]
                         ) -> jax.Array:
   """Σ_g Σ_c ‖θ_{g,c}‖₂ (what `group_lasso` differentiates)."""
   return sum(jnp.sum(v) for v in l2_importance(params, groups).values())
+
+
+# The leaves PyTorch calls 'weight' (conv/dense kernels, GroupNorm scales,
+# embedding tables): the tensors FedPhD's sparse-training penalty sums over.
+WEIGHT_LEAVES = ('kernel', 'scale', 'embedding')
+
+
+def _is_weight(path) -> bool:
+  return bool(path) and _key(path)[-1] in WEIGHT_LEAVES
+
+
+def frobenius_penalty_value(params: PyTree) -> jax.Array:
+  """Σ_W ‖W‖_F over the weight tensors (what `frobenius_penalty`
+  differentiates)."""
+  return sum(jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32))))
+             for path, p in jax.tree_util.tree_flatten_with_path(params)[0]
+             if _is_weight(path))
+
+
+def frobenius_penalty(lam: float, eps: float = 1e-12
+                      ) -> optax.GradientTransformation:
+  """Adds the gradient of FedPhD's sparse-training penalty λ·Σ_W ‖W‖_F.
+
+      g_W ↦ g_W + λ·W / max(‖W‖_F, eps)
+
+  for every weight tensor W (leaves named 'kernel', 'scale' or 'embedding':
+  what PyTorch names 'weight'), biases untouched. FedPhD's code
+  (arXiv 2507.06449; EricLoong/fed_phd, prune_trainer.py) adds
+  λ·Σ ‖W.view(W.size(0), −1)‖₂ to the loss, the Frobenius norm of each
+  whole tensor, before clipping: put it first in the client chain (raw
+  gradients), like FedProx.
+  """
+  if not lam >= 0.0:
+    raise ValueError(f'frobenius_penalty: lam must be >= 0, got {lam!r}.')
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, **extra):
+    del extra
+    if params is None:
+      raise ValueError('frobenius_penalty: `params` is required: call '
+                       'opt.update(grads, state, params).')
+
+    def one(path, u, p):
+      if not _is_weight(path):
+        return u
+      p32 = p.astype(jnp.float32)
+      norm = jnp.sqrt(jnp.sum(jnp.square(p32)))
+      return (u + lam * p32 / jnp.maximum(norm, eps)).astype(u.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def mask_bytes(groups: list[cg.ChannelGroup]) -> int:

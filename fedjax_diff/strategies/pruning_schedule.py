@@ -4,13 +4,26 @@ Config block (absent or None: no pruning):
 
     config.pruning.ratio          fraction of channels removed per group
                                   (FedPhD: 0.2 CIFAR-10, 0.4 CelebA)
+    config.pruning.rule           'torch_pruning' (default: FedPhD's,
+                                  torch-pruning's per-GroupNorm-block floor
+                                  with the same positions in every block) |
+                                  'nearest' (round, channels chosen freely;
+                                  see models/channel_groups.py)
     config.pruning.importance     'l2' (group L2 norm, FedPhD,
                                   arXiv 2507.06449) | 'taylor' (first-order
                                   Taylor on the diffusion loss, Diff-Pruning,
                                   arXiv 2305.10924)
+    config.pruning.importance_params  'kernels' | 'all': what a channel's
+                                  importance sums over (default: 'kernels'
+                                  for 'torch_pruning', torch-pruning's
+                                  default; 'all' for 'nearest')
     config.pruning.schedule       'before' | 'after_sparse'
     config.pruning.sparse_rounds  'after_sparse': rounds of sparse training
-    config.pruning.lasso          'after_sparse': the group-lasso λ
+    config.pruning.penalty        'after_sparse': 'group_lasso' (default,
+                                  λ·Σ_g Σ_c ‖θ_{g,c}‖₂ over channels) |
+                                  'frobenius' (FedPhD's code:
+                                  λ·Σ_W ‖W‖_F over whole weight tensors)
+    config.pruning.lasso          'after_sparse': the penalty's λ
     config.pruning.taylor_batches 'taylor': noise/timestep draws (default 8)
     config.pruning.taylor_examples 'taylor': training images used (64)
 
@@ -21,8 +34,10 @@ Schedules:
   (`models.compact`); every round trains, sends and aggregates the small
   model.
 * 'after_sparse': first `sparse_rounds` federated rounds of the full UNet
-  with the group-lasso penalty λ·Σ‖θ_{g,c}‖₂ in every client's optimizer
-  (`pruning.group_lasso`), run as a stage of its own in `<workdir>/sparse`
+  with the sparse-training penalty in every client's optimizer (the group
+  lasso λ·Σ‖θ_{g,c}‖₂, `pruning.group_lasso`, or FedPhD's λ·Σ_W ‖W‖_F,
+  `pruning.frobenius_penalty`), run as a stage of its own in
+  `<workdir>/sparse`
   (it resumes like any run); then its final global model is pruned and
   compacted, and the run's `num_rounds` rounds train the small model from
   there (server optimizer state and EMA start afresh from the compact
@@ -54,6 +69,7 @@ from fedjax_diff.strategies import pruning
 
 PyTree = Any
 SCHEDULES = ('before', 'after_sparse')
+PENALTIES = ('group_lasso', 'frobenius')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +81,9 @@ class PruningConfig:
   lasso: float = 0.0
   taylor_batches: int = 8
   taylor_examples: int = 64
+  rule: str = 'torch_pruning'
+  importance_params: str = 'kernels'
+  penalty: str = 'group_lasso'
 
 
 def config_from(config: ml_collections.ConfigDict) -> Optional[PruningConfig]:
@@ -81,13 +100,29 @@ def config_from(config: ml_collections.ConfigDict) -> Optional[PruningConfig]:
     raise ValueError('config.pruning needs a ratio in [0, 1) (FedPhD: 0.2 '
                      'on CIFAR-10); set config.pruning = None for no '
                      'pruning.')
+  rule = str(cfg.get('rule', 'torch_pruning'))
+  if rule not in cg.RULES:
+    raise ValueError(f'config.pruning.rule must be one of {cg.RULES}, got '
+                     f'{rule!r}.')
   out = PruningConfig(
       ratio=float(cfg.ratio), importance=str(cfg.get('importance', 'l2')),
       schedule=str(cfg.get('schedule', 'before')),
       sparse_rounds=int(cfg.get('sparse_rounds', 0) or 0),
       lasso=float(cfg.get('lasso', 0.0) or 0.0),
       taylor_batches=int(cfg.get('taylor_batches', 8)),
-      taylor_examples=int(cfg.get('taylor_examples', 64)))
+      taylor_examples=int(cfg.get('taylor_examples', 64)),
+      rule=rule,
+      importance_params=str(
+          cfg.get('importance_params', None) or
+          pruning.DEFAULT_IMPORTANCE_PARAMS[rule]),
+      penalty=str(cfg.get('penalty', 'group_lasso')))
+  if out.importance_params not in pruning.IMPORTANCE_PARAMS:
+    raise ValueError(f'config.pruning.importance_params must be one of '
+                     f'{pruning.IMPORTANCE_PARAMS}, got '
+                     f'{out.importance_params!r}.')
+  if out.penalty not in PENALTIES:
+    raise ValueError(f'config.pruning.penalty must be one of {PENALTIES}, '
+                     f'got {out.penalty!r}.')
   if not 0.0 <= out.ratio < 1.0:
     raise ValueError(f'config.pruning.ratio must be in [0, 1), got '
                      f'{out.ratio}.')
@@ -131,22 +166,38 @@ def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
     pruning (params and MACs before and after, widths).
   """
   groups = cg.unet_channel_groups(params, model.num_groups)
+  terms = cfg.importance_params
   if cfg.importance == 'l2':
-    importance = pruning.l2_importance(params, groups)
+    importance = pruning.l2_importance(params, groups, terms)
+    if cfg.rule == 'torch_pruning':
+      # torch-pruning scores a channel by Σ θ² (p = 2, no root) and averages
+      # these over the GroupNorm blocks.
+      importance = {k: jnp.square(v) for k, v in importance.items()}
   else:
     if loss_fn is None or images is None or rng is None:
       raise ValueError("importance='taylor' needs loss_fn, images and rng.")
     grads = pruning.taylor_gradients(loss_fn, params, images, labels, rng,
                                      cfg.taylor_batches)
-    importance = pruning.taylor_importance(params, grads, groups)
-  channels = pruning.select(importance, groups, cfg.ratio)
+    importance = pruning.taylor_importance(params, grads, groups, terms)
+  channels = pruning.select(importance, groups, cfg.ratio, cfg.rule)
   small, small_params = compact_lib.compact(model, params, groups, channels)
   shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype),
                         params)
   small_shapes = jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), small_params)
+  expect = jax.eval_shape(
+      lambda: unet_lib.init_params(small, jax.random.key(0), image_shape))
+  shape_of = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+  if shape_of(expect) != shape_of(small_shapes):
+    raise ValueError(
+        'prune: the compacted parameters do not fit the compact UNet '
+        f'(widths stem {small.stem_width}, levels {small.level_widths}, '
+        f'upsample inputs {small.upsample_in_widths}, time embedding '
+        f'{small.temb_width}): channel groups that the UNet ties to one '
+        'width kept different counts. Prune every group by one ratio.')
   info = {
       'ratio': cfg.ratio, 'importance': cfg.importance,
+      'rule': cfg.rule, 'importance_params': cfg.importance_params,
       'schedule': cfg.schedule,
       'params_before': unet_lib.count_params(shapes),
       'params_after': unet_lib.count_params(small_shapes),
@@ -155,6 +206,7 @@ def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
       'stem_width': small.stem_width,
       'level_widths': list(small.level_widths),
       'temb_width': small.temb_width,
+      'upsample_in_widths': list(small.upsample_in_widths),
       'kept_channels': pruning.counts(channels),
   }
   return small, small_params, info
@@ -163,16 +215,20 @@ def prune(model: unet_lib.UNet, params: PyTree, cfg: PruningConfig, *,
 def sparse_stage(config: ml_collections.ConfigDict
                  ) -> Optional[ml_collections.ConfigDict]:
   """The config of 'after_sparse''s first stage, or None for no stage: the
-  full UNet trained `sparse_rounds` rounds with the group-lasso penalty, no
-  evaluators. The trainer runs it in `<workdir>/sparse` (it resumes like any
-  run) and passes its final global parameters to `prepare`."""
+  full UNet trained `sparse_rounds` rounds with the sparse-training penalty
+  (`config.group_lasso` or `config.frobenius_penalty` = λ), no evaluators.
+  The trainer runs it in `<workdir>/sparse` (it resumes like any run) and
+  passes its final global parameters to `prepare`."""
   cfg = config_from(config)
   if cfg is None or cfg.schedule != 'after_sparse':
     return None
   out = copy.deepcopy(config)
   with out.unlocked():
     out.pruning = None
-    out.group_lasso = cfg.lasso
+    if cfg.penalty == 'frobenius':
+      out.frobenius_penalty = cfg.lasso
+    else:
+      out.group_lasso = cfg.lasso
     out.num_rounds = cfg.sparse_rounds
     out.evaluators = ml_collections.ConfigDict()
     out.checkpoint_every = cfg.sparse_rounds
@@ -216,12 +272,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
         rng=jax.random.key(seed + 7))
   small, small_params, info = prune(model, params, cfg,
                                     image_shape=image_shape, **taylor)
-  log(f'Pruned the UNet by {cfg.ratio:g} ({cfg.importance}, '
-      f'{cfg.schedule}): {info["params_before"]:,} -> '
+  log(f'Pruned the UNet by {cfg.ratio:g} ({cfg.rule}, {cfg.importance} '
+      f'over {cfg.importance_params}, {cfg.schedule}): '
+      f'{info["params_before"]:,} -> '
       f'{info["params_after"]:,} parameters, '
       f'{info["macs_before"] / 1e9:.3f} -> {info["macs_after"] / 1e9:.3f} '
       f'GMACs; widths stem {small.stem_width}, levels '
-      f'{tuple(small.level_widths)}, time embedding {small.temb_width}.')
+      f'{tuple(small.level_widths)}, upsample inputs '
+      f'{tuple(small.upsample_in_widths)}, time embedding '
+      f'{small.temb_width}.')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'pruning.json'), 'w') as f:
@@ -244,6 +303,10 @@ def model_for_run(config: ml_collections.ConfigDict,
         'widths are written there when training starts.')
   with open(path) as f:
     info = json.load(f)
+  # Runs pruned before upsample_in_widths existed tied them to the levels.
+  upsample_in = info.get('upsample_in_widths')
   return model.clone(stem_width=int(info['stem_width']),
                      level_widths=tuple(int(w) for w in info['level_widths']),
-                     temb_width=int(info['temb_width']))
+                     temb_width=int(info['temb_width']),
+                     upsample_in_widths=(None if upsample_in is None else
+                                         tuple(int(w) for w in upsample_in)))

@@ -29,6 +29,20 @@ least *expected* squared error); ``'calibrated'`` takes the scales from
 the clipping range) or stochastic rounding ``q = floor(Δ/s + u)``,
 ``u ~ U[0, 1)``, which is unbiased, ``E[Δ̂] = Δ``, inside the clipping range.
 
+Clipping and bias
+-----------------
+Outside the clipping range no bounded code is unbiased: ``E[Δ̂] =
+clip(Δ/s, ±q_max)·s``, so with ``r < 1`` (``'mse'``, ``'calibrated'``) the
+clipped entries lose ``m = Δ − clip(Δ/s, ±q_max)·s`` in expectation (at 2
+bits the ``'mse'`` search clips much of a heavy-tailed tensor).
+:func:`carry_clipped_quantize` keeps that mass instead: the client adds it to
+its next update, exactly as error feedback adds its residual, so
+``E[Δ̂_t] = Δ_t + m_{t−1} − m_t`` with
+``m_t`` deterministic given the input, and ``Σ_t E[Δ̂_t] = Σ_t Δ_t − m_T``:
+nothing is lost in expectation, only delayed. The upload path
+(`strategies.upload.quantizer`) does this by default for stochastic rounding
+with a scale method that can clip.
+
 Zero stays exactly zero under every setting: ``0/s = 0`` rounds to ``0`` (for
 stochastic rounding, ``floor(0 + u) = 0`` as ``u < 1``), and a tensor or
 channel whose entries are all zero gets ``s = 0`` and decodes to zeros. So
@@ -64,6 +78,9 @@ __all__ = [
     'quantize_dequantize',
     'init_residual',
     'error_feedback_quantize',
+    'clip_quantize',
+    'clips',
+    'carry_clipped_quantize',
     'calibrate_scales',
     'num_scales',
     'wire_bits',
@@ -396,6 +413,70 @@ def error_feedback_quantize(
   delta_hat = quantize_dequantize(corrected, config, rng, scales=scales)
   new_residual = jax.tree.map(lambda c, h: c - h, corrected, delta_hat)
   return delta_hat, new_residual
+
+
+def clips(config: QuantizationConfig) -> bool:
+  """Whether ``config``'s scales can clip (``r < 1``): ``'mse'`` and
+  ``'calibrated'`` search ratios below 1; ``'minmax'`` has ``r = 1``."""
+  return config.scale_method != 'minmax' and (
+      config.scale_method == 'calibrated' or min(config.ratios) < 1.0)
+
+
+def clip_quantize(tree: PyTree, config: QuantizationConfig,
+                  rng: Optional[jax.Array] = None, *,
+                  scales: Optional[PyTree] = None) -> tuple[PyTree, PyTree]:
+  """``(Δ̂, m)``: ``quantize_dequantize`` and the clipped mass.
+
+  ``m = Δ − clip(Δ/s, −q_max, q_max)·s`` per entry (float32), zero inside the
+  clipping range. With stochastic rounding ``E[Δ̂] = Δ − m`` (exactly, up to
+  float rounding of ``q·s``); with ``'minmax'`` scales ``m = 0`` up to the
+  rounding of ``s``. Each leaf of ``Δ̂`` is cast back to its dtype.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  x32 = [jnp.asarray(x, jnp.float32) for x in leaves]
+  codes, scales = quantize(treedef.unflatten(x32), config, rng,
+                           scales=scales)
+  deq = jax.tree.leaves(dequantize(codes, scales))
+  masses = []
+  for x, s in zip(x32, jax.tree.leaves(scales)):
+    s = jnp.asarray(s, jnp.float32)
+    y = jnp.clip(x / _safe(s), -config.qmax, config.qmax)
+    masses.append(x - y * s)
+  delta_hat = [d.astype(jnp.result_type(x)) for x, d in zip(leaves, deq)]
+  return treedef.unflatten(delta_hat), treedef.unflatten(masses)
+
+
+def carry_clipped_quantize(
+    delta: PyTree, carry: PyTree, config: QuantizationConfig,
+    rng: Optional[jax.Array] = None, *,
+    scales: Optional[PyTree] = None) -> tuple[PyTree, PyTree]:
+  """Quantization that carries the clipped mass to the next round.
+
+  The client quantizes ``c = Δ + m`` (``m`` the mass it carried, zeros at
+  first: :func:`init_residual`), sends ``Δ̂ = Q(c)`` and keeps
+  ``m' = c − clip(c/s, ±q_max)·s`` (:func:`clip_quantize`). With stochastic
+  rounding ``E[Δ̂] = Δ + m − m'`` exactly: what clipping removes is sent in a
+  later round rather than lost, so the accumulated update is unbiased up to
+  the last carry, ``Σ_t E[Δ̂_t] = Σ_t Δ_t − m_T``, as with error feedback
+  (:func:`error_feedback_quantize`, which also carries the rounding error).
+  The carry stays bounded: the scales are computed on ``c``, so with
+  ``r ≥ r_min`` every entry keeps at least ``r_min`` of the largest one.
+
+  Args:
+    delta: This round's update Δ.
+    carry: The client's carried mass ``m`` (float32, like ``delta``).
+    config: The quantization config.
+    rng: A PRNG key for stochastic rounding.
+    scales: Optional explicit scales; they must then be for ``Δ + m``.
+
+  Returns:
+    ``(delta_hat, new_carry)``.
+  """
+  corrected = jax.tree.map(lambda d, m: d.astype(jnp.float32) + m, delta,
+                           carry)
+  sent, new_carry = clip_quantize(corrected, config, rng, scales=scales)
+  delta_hat = jax.tree.map(lambda d, h: h.astype(d.dtype), delta, sent)
+  return delta_hat, new_carry
 
 
 # ------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ Contract (`UploadTransform`):
 * `encodes`: whether the stage's output is its own serialization. An encoder
   can only be the last stage of a chain (what a later stage did to its
   output would have no defined wire format).
+* `carries`: whether the stage keeps what it could not send in its state
+  and adds it to the next round's input (the quantizer's clipped mass).
+  `error_feedback` refuses such a stage: its residual carries all of it
+  already, so the mass would be sent twice.
 
 `chain(t1, ..., tn)` applies the stages in order (e.g. a pruning mask, then
 quantization) and `error_feedback(t)` wraps a compressor with EF-SGD's
@@ -74,12 +78,16 @@ class UploadContext:
     labels: int32 [max_n], the client's labels (zero beyond `count`).
     count: int32 scalar, the client's example count (0 for padding slots).
     round: int32 scalar, the round index.
+    clip_norm: the round's clip norm C_r when the server broadcasts one
+      (client-level DP, `strategies.privacy`; read by `clipping.clip()`),
+      else None.
   """
   global_params: PyTree
   params: PyTree
   labels: jax.Array
   count: jax.Array
   round: jax.Array
+  clip_norm: Optional[jax.Array] = None
 
 
 class UploadTransform(NamedTuple):
@@ -91,6 +99,8 @@ class UploadTransform(NamedTuple):
     wire_bytes: `(shapes, rest) -> int`, exact message bytes.
     name: a short description for logs and the run summary.
     encodes: the stage serializes its output itself (it must come last).
+    carries: the stage carries unsent mass to the next round (see the
+      module docstring).
   """
   init_client_state: Callable[[PyTree], PyTree]
   apply: Callable[[PyTree, PyTree, jax.Array, UploadContext],
@@ -98,6 +108,7 @@ class UploadTransform(NamedTuple):
   wire_bytes: Callable[[PyTree, Rest], int]
   name: str
   encodes: bool = False
+  carries: bool = False
 
 
 def identity() -> UploadTransform:
@@ -157,7 +168,8 @@ def chain(*transforms: UploadTransform) -> UploadTransform:
 
   return UploadTransform(init_client_state, apply, wire_bytes,
                          ' -> '.join(t.name for t in transforms),
-                         transforms[-1].encodes)
+                         transforms[-1].encodes,
+                         any(t.carries for t in transforms))
 
 
 def error_feedback(inner: UploadTransform) -> UploadTransform:
@@ -174,7 +186,18 @@ def error_feedback(inner: UploadTransform) -> UploadTransform:
   `ServerState.client_states['upload']` (one row per client, sharded over
   the mesh).
   The message is the inner compressor's.
+
+  Raises:
+    ValueError: `inner` carries unsent mass itself (a quantizer with
+      `carry_clipped`): build it with `carry_clipped=False`, the residual
+      carries the clipped mass with the rounding error.
   """
+  if inner.carries:
+    raise ValueError(
+        f'error_feedback: {inner.name} already carries what it does not '
+        'send to the next round, and the residual carries it too: it would '
+        'be sent twice. Build the quantizer with carry_clipped=False inside '
+        'error_feedback.')
 
   def init_client_state(params):
     return {'residual': jax.tree.map(
@@ -193,11 +216,13 @@ def error_feedback(inner: UploadTransform) -> UploadTransform:
     return delta_hat, {'residual': residual, 'inner': inner_z}
 
   return UploadTransform(init_client_state, apply, inner.wire_bytes,
-                         f'error_feedback({inner.name})', inner.encodes)
+                         f'error_feedback({inner.name})', inner.encodes,
+                         carries=True)
 
 
 def quantizer(config: quantize_lib.QuantizationConfig,
-              calibration: Optional[Calibration] = None) -> UploadTransform:
+              calibration: Optional[Calibration] = None, *,
+              carry_clipped: Optional[bool] = None) -> UploadTransform:
   """FedDM-quant: the client uploads its update quantized (arXiv 2407.14730).
 
       s = r·max|Δ|/q_max,  q = clip(round(Δ/s), −q_max, q_max),  Δ̂ = q·s,
@@ -214,9 +239,21 @@ def quantizer(config: quantize_lib.QuantizationConfig,
   The message is `pack`'s serialization, exactly `quantize.wire_bytes`:
   ⌈bits·numel/8⌉ bytes of codes plus 4 bytes per scale, per leaf.
 
+  Unbiased with clipping: stochastic rounding is unbiased inside the
+  clipping range only, and 'mse' and 'calibrated' clip (r < 1). With
+  `carry_clipped` the client keeps the clipped mass m as state and adds it
+  to its next update (`quantize.carry_clipped_quantize`): E[Δ̂_t] = Δ_t +
+  m_{t−1} − m_t, nothing lost in expectation (a float32 row per client,
+  like error feedback's residual; no extra bytes on the wire).
+
   Args:
     config: the quantization config.
     calibration: required for scale_method='calibrated', unused otherwise.
+    carry_clipped: carry the clipped mass; None (default): exactly when the
+      rounding is stochastic and the scales can clip (`quantize.clips`).
+      False makes stochastic rounding with clipping scales biased in each
+      round: meant for use inside `error_feedback`, whose residual carries
+      the clipped mass.
   """
   if not isinstance(config, quantize_lib.QuantizationConfig):
     raise TypeError('quantizer: config must be a QuantizationConfig, got '
@@ -227,8 +264,23 @@ def quantizer(config: quantize_lib.QuantizationConfig,
         "quantizer: scale_method='calibrated' needs a `calibration` "
         '(strategies.calibration.Calibration) to draw its inputs.')
 
+  if carry_clipped is None:
+    carry_clipped = (config.rounding == 'stochastic' and
+                     quantize_lib.clips(config))
+  carry_clipped = bool(carry_clipped)
+
+  def init_client_state(params):
+    if not carry_clipped:
+      return ()
+    return {'clipped': jax.tree.map(
+        lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)}
+
   def apply(delta, z, key, ctx):
     round_key, calib_key = jax.random.split(key)
+    original = delta
+    if carry_clipped:
+      delta = jax.tree.map(lambda d, m: d.astype(jnp.float32) + m, delta,
+                           z['clipped'])
     scales = None
     if calibrated:
       inputs = calibration.inputs(ctx.params, calib_key, ctx.labels,
@@ -236,14 +288,20 @@ def quantizer(config: quantize_lib.QuantizationConfig,
       scales = quantize_lib.calibrate_scales(
           delta, ctx.global_params, calibration.apply_fn, inputs, config)
     rng = round_key if config.rounding == 'stochastic' else None
-    return quantize_lib.quantize_dequantize(delta, config, rng,
-                                            scales=scales), z
+    if not carry_clipped:
+      return quantize_lib.quantize_dequantize(delta, config, rng,
+                                              scales=scales), z
+    sent, mass = quantize_lib.clip_quantize(delta, config, rng,
+                                            scales=scales)
+    sent = jax.tree.map(lambda d, h: h.astype(d.dtype), original, sent)
+    return sent, {'clipped': mass}
 
   def wire_bytes(shapes, rest):
     del rest  # The codes and scales are the whole message.
     return quantize_lib.wire_bytes(shapes, config)
 
   name = (f'int{config.bits} {config.granularity} {config.rounding} '
-          f'{config.scale_method}')
-  return UploadTransform(lambda params: (), apply, wire_bytes, name,
-                         encodes=True)
+          f'{config.scale_method}'
+          f'{" (clipped mass carried)" if carry_clipped else ""}')
+  return UploadTransform(init_client_state, apply, wire_bytes, name,
+                         encodes=True, carries=carry_clipped)

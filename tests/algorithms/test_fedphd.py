@@ -100,10 +100,15 @@ def draw_edge(rng, r, cid, dist, samples, q, n, cfg):
                                             np.float32)))
 
 
-def reference_run(data, rounds_ids, cfg):
+def reference_run(data, rounds_ids, cfg, shared_state=False):
   """Rounds of FedPhD as loops over clients and edges; clients train with
-  `testlib.train_client` from their edge's model."""
+  `testlib.train_client` from their edge's model. With `shared_state`, from
+  one optimizer state x_r shared by the round's clients, the schedule
+  counting the steps of FedPhD's loop order (edge, then id), and x_{r+1} =
+  one optimizer's state after all their gradients in that order."""
   state = lib.reference_state()
+  opt = lib.client_opt()
+  shared = opt.init(state.params)
   num_e = cfg.num_edges
   edge_models = [jax.tree.map(np.asarray, state.params)] * num_e
   edge_n = [1.0] * num_e
@@ -135,13 +140,25 @@ def reference_run(data, rounds_ids, cfg):
     edges_log.append(chosen)
     # Clients train from their edge's model; edges average them.
     locals_ = [[] for _ in range(num_e)]
+    order = sorted(zip(chosen, ids))
+    grads = {}
     for cid, e, q, n in zip(ids, chosen, qs, ns):
+      extra = {}
+      if shared_state:
+        grads[cid] = []
+        extra = dict(opt_state=shared, grads_log=grads[cid], step_offset=(
+            r * len(ids) + order.index((e, cid))) * lib.LOCAL_STEPS)
       p, _, _ = lib.train_client(
           jax.tree.map(jnp.asarray, edge_models[e]), data.images[cid],
-          data.labels[cid], n, lib.client_key(state.rng, r, cid), r)
+          data.labels[cid], n, lib.client_key(state.rng, r, cid), r,
+          **extra)
       locals_[e].append((n, jax.tree.map(np.asarray, p)))
       dist[e] = merge(dist[e], samples[e], q, n)
       samples[e] += n
+    if shared_state:
+      shared = lib.sequential_state(
+          opt, shared, [g for _, cid in order for g in grads[cid]],
+          state.params)
     for e in range(num_e):
       if locals_[e]:
         total = sum(n for n, _ in locals_[e])
@@ -169,7 +186,7 @@ def reference_run(data, rounds_ids, cfg):
       state = ema_only(state)
   return dict(params=state.params, ema=state.ema_params,
               edge_models=edge_models, edge_n=edge_n, dist=dist,
-              samples=samples, edges=edges_log)
+              samples=samples, edges=edges_log, shared=shared)
 
 
 @pytest.fixture(scope='module')
@@ -239,6 +256,34 @@ def test_fedphd_selection_round_matches_python_loop():
         ref['edge_models'][e])
   np.testing.assert_allclose(state.algorithm.label_dist, ref['dist'],
                              rtol=1e-6)
+
+
+def test_shared_optimizer_state_in_fedphds_loop_order():
+  """One client optimizer state shared by the clients (FedPhD's code's one
+  optimizer): clients ordered edge by edge, by id within an edge, on 8
+  devices against the loops."""
+  data = make_data()
+  algorithm, sharded = lib.make_algorithm(
+      data, 8, name='fedphd',
+      **{'hierarchy': hierarchy(), 'federation.mode': 'vmap',
+         'federation.num_clients': NUM_CLIENTS,
+         'client_optimizer.shared_state': True})
+  ids = ROUND_IDS[:3]
+  state, metrics, _ = lib.run_rounds(algorithm, sharded, ids)
+  ref = reference_run(data, ids, algorithm.hierarchy, shared_state=True)
+  drawn = [client_edges(m, r_ids, algorithm, sharded)
+           for m, r_ids in zip(metrics, ids)]
+  assert ref['edges'] == drawn
+  # The order is not the ids' order in some round (edges interleave).
+  assert any(sorted(zip(e, i)) != sorted(zip(e, i), key=lambda t: t[1])
+             for e, i in zip(drawn, ids))
+  lib.assert_trees_close(state.params, ref['params'])
+  for e in range(3):
+    lib.assert_trees_close(
+        jax.tree.map(lambda p, e=e: p[e], state.algorithm.params),
+        ref['edge_models'][e])
+  lib.assert_trees_close(state.client_opt_state, ref['shared'], rtol=1e-4,
+                         atol=1e-6)
 
 
 def test_edge_without_clients_keeps_its_model():

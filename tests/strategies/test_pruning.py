@@ -50,43 +50,62 @@ def _leaf(tree, path):
   return np.asarray(tree, np.float64)
 
 
-def _loop_group_sums(tree, groups, fn):
-  """Reference: Σ_members Σ fn(slice of channel c), one channel at a time."""
+def _loop_group_sums(tree, groups, fn, kernels_only=False):
+  """Reference: Σ_members Σ fn(slice of channel c), one channel at a time
+  (members that are a 'kernel' only, with `kernels_only`)."""
   out = {}
   for g in groups:
     vals = []
     for c in range(g.size):
       vals.append(sum(float(np.sum(fn(np.take(_leaf(tree, m.path),
                                               m.offset + c, axis=m.axis))))
-                      for m in g.members))
+                      for m in g.members
+                      if not kernels_only or m.path[-1] == 'kernel'))
     out[g.name] = np.array(vals)
   return out
 
 
-def test_l2_and_taylor_importance_against_a_loop(setup):
+@pytest.mark.parametrize('terms', pruning.IMPORTANCE_PARAMS)
+def test_l2_and_taylor_importance_against_a_loop(setup, terms):
   _, params, groups = setup
-  got = pruning.l2_importance(params, groups)
-  ref = _loop_group_sums(params, groups, np.square)
+  kernels_only = terms == 'kernels'
+  got = pruning.l2_importance(params, groups, terms)
+  ref = _loop_group_sums(params, groups, np.square, kernels_only)
   for g in groups:
     np.testing.assert_allclose(got[g.name], np.sqrt(ref[g.name]), rtol=1e-5)
   grads = _random_tree(params, 1)
   prod = jax.tree.map(lambda p, d: p * d, params, grads)
-  got = pruning.taylor_importance(params, grads, groups)
-  ref = _loop_group_sums(prod, groups, np.abs)
+  got = pruning.taylor_importance(params, grads, groups, terms)
+  ref = _loop_group_sums(prod, groups, np.abs, kernels_only)
   for g in groups:
     np.testing.assert_allclose(got[g.name], ref[g.name], rtol=1e-5)
+  # Kernels only leaves out the biases and GroupNorm parameters.
+  if kernels_only:
+    full = _loop_group_sums(params, groups, np.square)
+    assert any(np.any(full[g.name] > ref[g.name]) for g in groups)
+  with pytest.raises(ValueError, match='importance params'):
+    pruning.l2_importance(params, groups, 'biases')
 
 
 def test_select_keeps_the_most_important_whole_units():
   group = cg.ChannelGroup('g', 'stream', 8, [], granularity=2)
   imp = {'g': jnp.array([5., 1., 7., 3., 3., 0., 2., 9.])}
-  keep = pruning.select(imp, [group], 0.5)['g']
+  keep = pruning.select(imp, [group], 0.5, 'nearest')['g']
   # 4 of 8 (2 units of 2): the largest 9, 7, 5 and the first of the tied 3s.
   np.testing.assert_array_equal(keep, [1, 0, 1, 1, 0, 0, 0, 1])
-  keep = pruning.select(imp, [group], 0.2)['g']   # round(0.8·4)=3 units
+  keep = pruning.select(imp, [group], 0.2, 'nearest')['g']  # round(3.2)=3
   assert int(keep.sum()) == 6
+  # torch-pruning: 2 blocks of 4 positions; position scores are the block
+  # means (5+3)/2, (1+0)/2, (7+2)/2, (3+9)/2 = 4, 0.5, 4.5, 6: ⌊4·0.5⌋ = 2
+  # positions (3 and 2) kept in both blocks; at 0.2, ⌊3.2⌋ = 3 (and 0).
+  keep = pruning.select(imp, [group], 0.5, 'torch_pruning')['g']
+  np.testing.assert_array_equal(keep, [0, 0, 1, 1, 0, 0, 1, 1])
+  keep = pruning.select(imp, [group], 0.2, 'torch_pruning')['g']
+  np.testing.assert_array_equal(keep, [1, 0, 1, 1, 1, 0, 1, 1])
   with pytest.raises(ValueError, match='shape'):
     pruning.select({'g': jnp.ones(3)}, [group], 0.5)
+  with pytest.raises(ValueError, match='rule'):
+    pruning.select(imp, [group], 0.5, 'ceil')
 
 
 def test_expand_masks_against_a_loop(setup):
@@ -176,6 +195,33 @@ def test_group_lasso_adds_the_penalty_gradient(setup):
     np.testing.assert_allclose(a, b + c, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match='lam'):
     pruning.group_lasso(groups, -1.0)
+
+
+def test_frobenius_penalty_adds_the_gradient_of_fedphds_penalty(setup):
+  _, params, _ = setup
+  lam = 0.3
+  # Reference: FedPhD's Σ over tensors PyTorch calls 'weight' (conv/dense
+  # kernels, GroupNorm scales, embedding tables) of ‖W‖_F, by hand.
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [jax.tree_util.keystr(p) for p, _ in flat]
+  weights = [n.endswith(("['kernel']", "['scale']", "['embedding']"))
+             for n in names]
+  assert any(weights) and not all(weights)   # biases stay out.
+  penalty = sum(np.sqrt(np.sum(np.square(np.asarray(x, np.float64))))
+                for (_, x), w in zip(flat, weights) if w)
+  np.testing.assert_allclose(pruning.frobenius_penalty_value(params),
+                             penalty, rtol=1e-5)
+  incoming = _random_tree(params, 7)
+  tx = pruning.frobenius_penalty(lam)
+  got, _ = jax.jit(lambda u, p: tx.update(u, tx.init(p), p))(incoming,
+                                                             params)
+  for (_, x), w, a, c in zip(flat, weights, jax.tree.leaves(got),
+                             jax.tree.leaves(incoming)):
+    x = np.asarray(x, np.float64)
+    want = np.asarray(c) + (lam * x / np.sqrt(np.sum(x * x)) if w else 0.0)
+    np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='lam'):
+    pruning.frobenius_penalty(-1.0)
 
 
 def test_mask_upload_sends_only_kept_entries(setup):

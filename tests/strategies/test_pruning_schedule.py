@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from fedjax_diff import experiment
 from fedjax_diff import models
 from fedjax_diff import trainer
 from fedjax_diff.diffusion import make_schedule
@@ -48,7 +49,7 @@ def _prepare(config, workdir, params):
   images = np.random.default_rng(0).integers(0, 256, (16, *IMAGE), np.uint8)
   return pruning_schedule.prepare(
       config, workdir, model, params, image_shape=IMAGE,
-      loss_fn_for=lambda m: trainer.make_loss_fn(models.make_eps_fn(m),
+      loss_fn_for=lambda m: experiment.make_loss_fn(models.make_eps_fn(m),
                                                  schedule, config),
       images=images, labels=None, seed=0, log=lambda msg: None)
 
@@ -64,9 +65,25 @@ def test_config_errors():
     pruning_schedule.config_from(_config(ratio=0.5, schedule='after_sparse'))
   with pytest.raises(ValueError, match='schedule'):
     pruning_schedule.config_from(_config(ratio=0.5, schedule='during'))
+  with pytest.raises(ValueError, match='rule'):
+    pruning_schedule.config_from(_config(ratio=0.5, rule='ceil'))
+  with pytest.raises(ValueError, match='importance_params'):
+    pruning_schedule.config_from(_config(ratio=0.5,
+                                         importance_params='biases'))
+  with pytest.raises(ValueError, match='penalty'):
+    pruning_schedule.config_from(_config(ratio=0.5, penalty='l1'))
   config = _config(ratio=0.5)
   config.pruning = None
   assert pruning_schedule.config_from(config) is None
+  # Each rule's importance terms by default; FedPhD's rule by default.
+  cfg = pruning_schedule.config_from(_config(ratio=0.5))
+  assert (cfg.rule, cfg.importance_params, cfg.penalty) == (
+      'torch_pruning', 'kernels', 'group_lasso')
+  cfg = pruning_schedule.config_from(_config(ratio=0.5, rule='nearest'))
+  assert cfg.importance_params == 'all'
+  cfg = pruning_schedule.config_from(_config(ratio=0.5, rule='nearest',
+                                             importance_params='kernels'))
+  assert cfg.importance_params == 'kernels'
 
 
 def test_no_pruning_returns_the_model_unchanged(tmp_path):
@@ -79,24 +96,42 @@ def test_no_pruning_returns_the_model_unchanged(tmp_path):
   assert got_model == model
 
 
-def test_before_prunes_and_compacts_the_initial_unet(tmp_path):
-  config = _config(ratio=0.5, importance='l2', schedule='before')
+@pytest.mark.parametrize('rule,ratio,widths', [
+    # ch=8, ch_mult=(1, 2), 4 GroupNorm groups: ratio 0.5 keeps 4 of 8 and 8
+    # of 16 channels, 16 of the 32 time-embedding ones, 8 of the 16 that
+    # enter the upsampling conv (no GroupNorm reads them).
+    ('torch_pruning', 0.5, (4, (4, 8), (4, 8), 16)),
+    # 0.3: 4 blocks of ⌊2·0.7⌋ = 1 and ⌊4·0.7⌋ = 2 positions, ⌊22.4⌋ and
+    # ⌊11.2⌋ channels; 'nearest' rounds 2.8 up to 3 positions.
+    ('torch_pruning', 0.3, (4, (4, 8), (4, 11), 22)),
+    ('nearest', 0.3, (4, (4, 12), (4, 11), 22)),
+])
+def test_before_prunes_and_compacts_the_initial_unet(tmp_path, rule, ratio,
+                                                      widths):
+  config = _config(ratio=ratio, importance='l2', schedule='before',
+                   rule=rule)
   model = models.unet_from_config(config.model)
   params = _params(model, 0)
   small, small_params, info = _prepare(config, str(tmp_path), params)
-  # ch=8, ch_mult=(1, 2), 4 GroupNorm groups: ratio 0.5 keeps 4 of 8 and 8
-  # of 16 channels, 16 of the 32 time-embedding ones.
-  assert (small.stem_width, tuple(small.level_widths), small.temb_width) == (
-      4, (4, 8), 16)
+  assert (small.stem_width, tuple(small.level_widths),
+          tuple(small.upsample_in_widths), small.temb_width) == widths
   groups = cg.unet_channel_groups(params, 4)
-  channels = pruning.select(pruning.l2_importance(params, groups), groups,
-                            0.5)
+  # The rule's ranking: torch-pruning's Σθ² over kernels, else ‖θ‖₂ of all.
+  if rule == 'torch_pruning':
+    importance = {k: v ** 2 for k, v in pruning.l2_importance(
+        params, groups, 'kernels').items()}
+  else:
+    importance = pruning.l2_importance(params, groups, 'all')
+  channels = pruning.select(importance, groups, ratio, rule)
   want = compact_lib.compact_params(params, groups, channels)
   for a, b in zip(jax.tree.leaves(small_params), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   assert info['params_after'] == models.count_params(small_params)
-  assert info['params_after'] < 0.4 * info['params_before']
-  assert info['macs_after'] < 0.4 * info['macs_before']
+  assert (info['rule'], info['importance_params']) == (
+      rule, pruning.DEFAULT_IMPORTANCE_PARAMS[rule])
+  if ratio == 0.5:
+    assert info['params_after'] < 0.4 * info['params_before']
+    assert info['macs_after'] < 0.4 * info['macs_before']
   with open(tmp_path / 'pruning.json') as f:
     assert json.load(f) == json.loads(json.dumps(info))
   # A tool restoring the run's checkpoint builds the same compact UNet.
@@ -120,6 +155,12 @@ def test_sparse_stage_config():
   # Everything else is the run's own config, which stays as it was.
   assert stage.model == config.model and stage.seed == config.seed
   assert config.to_json() == before
+  assert not stage.get('frobenius_penalty')
+  # FedPhD's penalty over whole tensors instead.
+  config.pruning.penalty = 'frobenius'
+  stage = pruning_schedule.sparse_stage(config)
+  assert stage.frobenius_penalty == 1e-3 and not stage.get('group_lasso')
+  config.pruning.penalty = 'group_lasso'
   # No first stage without pruning or with schedule='before'.
   assert pruning_schedule.sparse_stage(_config(ratio=0.5)) is None
   config.pruning = None
@@ -178,4 +219,15 @@ def test_config_group_lasso_puts_the_penalty_in_the_client_chain():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   config.group_lasso = -1.0
   with pytest.raises(ValueError, match='group_lasso'):
+    build.client_transforms(config)
+  config.group_lasso = 0.0
+  config.frobenius_penalty = 0.01
+  (tx,) = build.client_transforms(config)
+  got, _ = jax.jit(lambda p: tx.update(zeros, tx.init(p), p))(params)
+  want = jax.jit(jax.grad(
+      lambda p: 0.01 * pruning.frobenius_penalty_value(p)))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  config.frobenius_penalty = -1.0
+  with pytest.raises(ValueError, match='frobenius_penalty'):
     build.client_transforms(config)

@@ -412,3 +412,22 @@ def test_config_validation():
   hash(Config())  # Static under jit.
   with pytest.raises(ValueError, match='rng'):
     q_lib.quantize({'a': jnp.ones(3)}, Config(rounding='stochastic'))
+
+
+@pytest.mark.parametrize('rounding', ['nearest', 'stochastic'])
+def test_clip_quantize_mass_by_hand(rounding):
+  # 2 bits (q_max = 1), one scale s = 0.5: the grid is {-0.5, 0, 0.5}.
+  x = {'a': jnp.array([0.2, -0.4, 1.3, -2.0, 0.5, 0.0])}
+  cfg = Config(bits=2, rounding=rounding)
+  scales = {'a': jnp.asarray(0.5)}
+  key = jax.random.key(0) if rounding == 'stochastic' else None
+  hat, mass = q_lib.clip_quantize(x, cfg, key, scales=scales)
+  np.testing.assert_allclose(mass['a'], [0, 0, 0.8, -1.5, 0, 0], atol=1e-7)
+  np.testing.assert_array_equal(
+      hat['a'], q_lib.quantize_dequantize(x, cfg, key, scales=scales)['a'])
+  # What clipping left: the clipped entries sit on the grid's ends.
+  np.testing.assert_allclose(hat['a'][2:4], [0.5, -0.5])
+  assert q_lib.clips(Config(bits=2, scale_method='mse'))
+  assert q_lib.clips(Config(bits=2, scale_method='calibrated'))
+  assert not q_lib.clips(Config(bits=2, scale_method='minmax'))
+  assert not q_lib.clips(Config(bits=2, scale_method='mse', ratios=(1.0,)))

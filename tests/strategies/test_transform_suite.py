@@ -22,8 +22,9 @@ and bfloat16 grads of float32 params, where an optimizer with float32
 moments returns float32: `mixed_out_dtype`); the state keeps its tree,
 shapes and dtypes through `update` (it runs as a `lax.scan` carry); the
 neutral setting returns the grads unchanged: `proximal(0.0)` bit for bit (as
-it promises), `group_lasso(lam=0.0)`, a mask keeping every channel, a
-learning rate of −1 for the `u ↦ −lr·u` schedule, and for
+it promises), `group_lasso(lam=0.0)`, `frobenius_penalty(0.0)`, a mask
+keeping every channel, a learning rate of −1 for the `u ↦ −lr·u` schedule,
+and for
 `client_optimizer` (Adam has no identity setting) SGD at lr −1 without
 momentum or clipping around the neutral extras, to 1e-7.
 
@@ -61,6 +62,7 @@ from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff.diffusion import linear_schedule
 from fedjax_diff.models import channel_groups as cg
+from fedjax_diff.strategies import clipping
 from fedjax_diff.strategies import proximal as proximal_lib
 from fedjax_diff.strategies import pruning
 from fedjax_diff.strategies import quantize as q_lib
@@ -232,6 +234,9 @@ CLIENT_TRANSFORMS = [
                lambda: pruning.group_lasso(None, 0.0,
                                            num_groups=UNET_GROUPS_NUM),
                False, (pruning.group_lasso,), tree='unet'),
+    ClientCase('frobenius_penalty', lambda: pruning.frobenius_penalty(1e-2),
+               lambda: pruning.frobenius_penalty(0.0), False,
+               (pruning.frobenius_penalty,)),
     ClientCase('mask_transform',
                lambda: pruning.mask_transform(TINY_GROUPS, TINY_KEEP),
                lambda: pruning.mask_transform(TINY_GROUPS, TINY_ALL), False,
@@ -522,6 +527,21 @@ UPLOAD_TRANSFORMS = [
                'per_channel', 'stochastic',
                (upload_lib.chain, pruning.mask_upload,
                 upload_lib.quantizer)),
+    # DP-FedAvg's clipping (‖Δ‖ ≈ 0.09 here): the neutral bound is infinite.
+    UploadCase('clip', lambda: clipping.clip(0.05),
+               lambda: clipping.clip(float('inf')), 'exact', 'ignored',
+               (clipping.clip,), compresses=False),
+    UploadCase('chain_clip_quant_int8_channel_stochastic',
+               lambda: upload_lib.chain(
+                   clipping.clip(0.05),
+                   upload_lib.quantizer(Config(
+                       bits=8, granularity='per_channel',
+                       rounding='stochastic'))),
+               lambda: upload_lib.chain(
+                   clipping.clip(float('inf')),
+                   upload_lib.quantizer(Q16(granularity='per_channel'))),
+               'per_channel', 'stochastic',
+               (upload_lib.chain, clipping.clip, upload_lib.quantizer)),
     UploadCase('chain_mask_error_feedback_quant_int2',
                lambda: upload_lib.chain(
                    pruning.mask_upload(TINY_GROUPS, TINY_KEEP),
@@ -758,7 +778,7 @@ def test_error_feedback_identity_has_a_residual_to_check():
 # ------------------------------------------------------------------------------
 
 CLIENT_MODULES = (proximal_lib, pruning, optimizers)
-UPLOAD_MODULES = (upload_lib, pruning)
+UPLOAD_MODULES = (upload_lib, pruning, clipping)
 # Server-side, not a client transform.
 NOT_CLIENT = {optimizers.server_optimizer}
 CLIENT_RETURNS = {optax.GradientTransformation,
@@ -786,7 +806,8 @@ def test_registries_cover_every_factory():
       'proximal', 'group_lasso', 'mask_transform',
       'scale_by_global_step_schedule', 'client_optimizer'}
   assert {f.__name__ for f in upload} >= {
-      'identity', 'quantizer', 'error_feedback', 'chain', 'mask_upload'}
+      'identity', 'quantizer', 'error_feedback', 'chain', 'mask_upload',
+      'clip'}
   covered_client = {f for c in CLIENT_TRANSFORMS for f in c.factories}
   covered_upload = {f for c in UPLOAD_TRANSFORMS for f in c.factories}
   missing = sorted(f.__qualname__ for f in client - covered_client)

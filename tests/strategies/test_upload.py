@@ -1,6 +1,7 @@
 """The upload-transform contract, its combinators, wire bytes and config."""
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +315,165 @@ def test_error_feedback_keeps_what_a_bfloat16_cast_rounds_off():
   np.testing.assert_allclose(
       np.asarray(hat['w'].astype(jnp.float32) + z['residual']['w']),
       np.asarray(d['w'].astype(jnp.float32)), rtol=0, atol=2e-9)
+
+
+# --- Unbiased uploads when the scales clip. ---
+
+
+def _heavy_tree(seed=0):
+  """A heavy-tailed (Student-t, 2 dof) update: at 2 bits the 'mse' search
+  clips its large entries."""
+  rng = np.random.default_rng(seed)
+  return {'w': jnp.asarray(rng.standard_t(2.0, (12, 4)) * 0.01, jnp.float32),
+          'b': jnp.asarray(rng.standard_t(2.0, (6,)) * 0.01, jnp.float32)}
+
+
+def _calibration_stub():
+  """What `quantizer` reads of a Calibration: inputs and apply_fn. The
+  inputs weigh the rows of w unequally (rows 8.. barely count), so clipping
+  those rows' outliers costs the output little: the search clips."""
+  x = np.ones((3, 12), np.float32)
+  x[:, 8:] = 1e-3
+  x = jnp.asarray(x)
+  return types.SimpleNamespace(
+      inputs=lambda params, key, labels, count: x,
+      apply_fn=lambda p, inputs: inputs @ p['w'] + p['b'][:4])
+
+
+def _default_quantizer(scale_method):
+  """The quantizer a config builds with its default rounding."""
+  qcfg = build.quantization_config(ml_collections.ConfigDict(dict(
+      quantize_bits=2, granularity='per_channel',
+      scale_method=scale_method)))
+  assert qcfg.rounding == 'stochastic'   # the default rounding.
+  calibration = _calibration_stub() if scale_method == 'calibrated' else None
+  return qcfg, upload_lib.quantizer(qcfg, calibration)
+
+
+def _draws(transform, delta, z, n, seed=0):
+  keys = jax.random.split(jax.random.key(seed), n)
+  ctx = _ctx(delta)
+  return jax.jit(jax.vmap(lambda k: transform.apply(delta, z, k, ctx)))(keys)
+
+
+@pytest.mark.parametrize('scale_method', q_lib.SCALE_METHODS)
+def test_default_rounding_is_unbiased_for_every_scale_method(scale_method):
+  """Monte Carlo over 20k rounding draws: E[Δ̂] = Δ + m − m', with m the
+  mass the client carried in and m' what it carries out (0 for minmax)."""
+  qcfg, q = _default_quantizer(scale_method)
+  delta = _heavy_tree()
+  z = q.init_client_state(delta)
+  if scale_method != 'minmax':   # A carried mass from an earlier round.
+    z = {'clipped': jax.tree.map(lambda x: 0.3 * x, _heavy_tree(1))}
+  carried_in = z['clipped'] if z else jax.tree.map(jnp.zeros_like, delta)
+  n = 20000
+  sent, z_out = _draws(q, delta, z, n)
+  carried_out = (z_out['clipped'] if z_out else
+                 jax.tree.map(jnp.zeros_like, sent))
+  worst, clipped = 0.0, 0.0
+  for d, m_in, hat, m_out in zip(*map(jax.tree.leaves, (delta, carried_in,
+                                                        sent, carried_out))):
+    hat, m_out = np.asarray(hat, np.float64), np.asarray(m_out, np.float64)
+    # m' is deterministic given the input (the scales are).
+    np.testing.assert_array_equal(m_out, m_out[:1].repeat(n, 0))
+    want = np.asarray(d, np.float64) + np.asarray(m_in, np.float64)
+    err = np.abs(hat.mean(0) + m_out[0] - want)
+    # Per entry the draw is one of two grid points: the standard error of
+    # the mean, plus float32 rounding for entries that never vary.
+    tol = hat.std(0) / math.sqrt(n) + 1e-6 * np.abs(want) + 1e-9
+    worst = max(worst, float(np.max(err / tol)))
+    clipped = max(clipped, float(np.max(np.abs(m_out[0]))))
+  assert worst < 5.0, worst
+  if scale_method == 'minmax':
+    assert not z_out and clipped == 0.0
+  else:
+    # The scales do clip here: without the carried mass Δ̂ would be biased.
+    assert clipped > 0.0 and q.carries
+
+
+def test_without_the_carry_clipping_is_biased():
+  """The same 2-bit 'mse' quantizer with carry_clipped=False (meant for
+  error feedback only) loses the clipped mass: a bias of many standard
+  errors, which the test above would catch."""
+  qcfg, _ = _default_quantizer('mse')
+  q = upload_lib.quantizer(qcfg, carry_clipped=False)
+  assert not q.carries and not q.init_client_state(_heavy_tree())
+  delta = _heavy_tree()
+  n = 20000
+  sent, _ = _draws(q, delta, (), n)
+  _, mass = q_lib.clip_quantize(delta, qcfg, jax.random.key(0))
+  for d, hat, m in zip(*map(jax.tree.leaves, (delta, sent, mass))):
+    hat = np.asarray(hat, np.float64)
+    np.testing.assert_allclose(hat.mean(0), np.asarray(d) - np.asarray(m),
+                               atol=5 * float(hat.std(0).max()) /
+                               math.sqrt(n) + 1e-9)
+  se = max(float(np.asarray(h).std(0).max()) for h in jax.tree.leaves(sent))
+  bias = max(float(np.abs(np.asarray(h).mean(0) - np.asarray(d)).max())
+             for h, d in zip(jax.tree.leaves(sent), jax.tree.leaves(delta)))
+  assert bias > 50 * se / math.sqrt(n), (bias, se)
+
+
+@pytest.mark.parametrize('scale_method', ['mse', 'calibrated'])
+def test_carried_mass_telescopes_over_rounds(scale_method):
+  """Σ_t E[Δ̂_t] = Σ_t Δ_t − m_T over 6 rounds (a plain loop over rounds,
+  2,000 draws of the whole sequence)."""
+  _, q = _default_quantizer(scale_method)
+  deltas = [_heavy_tree(seed) for seed in range(6)]
+  ctx = _ctx(deltas[0])
+
+  def sequence(key):
+    z = q.init_client_state(deltas[0])
+    total = jax.tree.map(jnp.zeros_like, deltas[0])
+    for t, d in enumerate(deltas):
+      sent, z = q.apply(d, z, jax.random.fold_in(key, t), ctx)
+      total = jax.tree.map(jnp.add, total, sent)
+    return total, z['clipped']
+
+  n = 2000
+  totals, last = jax.jit(jax.vmap(sequence))(
+      jax.random.split(jax.random.key(3), n))
+  for leaves in zip(*(jax.tree.leaves(d) for d in deltas),
+                    jax.tree.leaves(totals), jax.tree.leaves(last)):
+    *ds, tot, m_t = (np.asarray(x, np.float64) for x in leaves)
+    want = sum(ds) - m_t.mean(0)
+    tol = tot.std(0) / math.sqrt(n) + 1e-6 * np.abs(want) + 1e-9
+    assert np.all(np.abs(tot.mean(0) - want) <= 5 * tol)
+
+
+def test_carrying_quantizer_is_carry_clipped_quantize():
+  qcfg, q = _default_quantizer('mse')
+  z = q.init_client_state(_heavy_tree())
+  carry = q_lib.init_residual(_heavy_tree())
+  apply = jax.jit(q.apply)
+  for r in range(3):
+    delta = _heavy_tree(seed=r)
+    key = jax.random.PRNGKey(r)
+    out, z = apply(delta, z, key, _ctx(delta))
+    ref, carry = q_lib.carry_clipped_quantize(delta, carry, qcfg,
+                                              jax.random.split(key)[0])
+    for a, b in zip(jax.tree.leaves((out, z['clipped'])),
+                    jax.tree.leaves((ref, carry))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(z))
+  assert comm.message_bytes(q, _tree()) == q_lib.wire_bytes(_tree(), qcfg)
+
+
+def test_error_feedback_refuses_a_quantizer_that_carries():
+  qcfg, q = _default_quantizer('mse')
+  with pytest.raises(ValueError, match='carry_clipped=False'):
+    upload_lib.error_feedback(q)
+  ef = upload_lib.error_feedback(upload_lib.quantizer(qcfg,
+                                                      carry_clipped=False))
+  assert ef.carries
+  # From a config: error feedback carries the clipped mass, or the
+  # quantizer does; nearest rounding and minmax scales carry nothing.
+  made = build.upload_from_config(_config(quantize_bits=2,
+                                          scale_method='mse'))
+  assert made.carries and 'clipped mass carried' in made.name
+  made = build.upload_from_config(_config(quantize_bits=2, scale_method='mse',
+                                          error_feedback=True))
+  assert made.name == 'error_feedback(int2 per_channel stochastic mse)'
+  for fields in (dict(scale_method='mse', rounding='nearest'),
+                 dict(scale_method='minmax')):
+    made = build.upload_from_config(_config(quantize_bits=2, **fields))
+    assert not made.carries and not made.init_client_state(_tree())
