@@ -10,6 +10,8 @@ import pytest
 import testlib as lib
 from fedjax_diff import client as client_lib
 from fedjax_diff import federation
+from fedjax_diff import optimizers
+from fedjax_diff.strategies import build
 from fedjax_diff.strategies import faults
 from fedjax_diff.strategies import quantize
 from fedjax_diff.strategies import upload as upload_lib
@@ -277,3 +279,90 @@ def test_isolate_and_finite():
     assert not bool(check({'y': ok, 'b': jnp.array([jnp.nan], jnp.bfloat16)}))
   corrupt = faults.corrupt(ok, faults.INF)
   assert np.all(np.isinf(corrupt['a'])) and corrupt['n'].dtype == jnp.int32
+
+
+def test_compose_sequential_leaves_dropped_clients_out():
+  """The shared optimizer state after a round with a dropped client (its
+  final state NaN, a gap in the positions) and a straggler of 1 step: by
+  hand, the sequential pass over the kept clients' gradients in order."""
+  beta = 0.5
+  x0 = {'m': jnp.array([8.0]), 'n': jnp.array(5, jnp.int32)}
+  g = {0: [2.0, 4.0], 2: [6.0]}   # slot 1 is dropped, slot 2 a straggler.
+
+  def run(x, gs):
+    for v in gs:
+      x = beta * x + (1 - beta) * v
+    return x
+
+  finals = {'m': jnp.array([[run(8.0, g[0])], [jnp.nan], [run(8.0, g[2])],
+                            [99.0]]),
+            'n': jnp.array([7, 7, 6, 123], jnp.int32)}
+  positions = jnp.array([2, 0, 1, 3])   # order: slot 1, slot 2, slot 0.
+  mask = jnp.array([1.0, 0.0, 1.0, 0.0])
+  out = optimizers.compose_sequential(x0, finals, positions, mask,
+                                      jnp.array([2, 2, 1, 2]),
+                                      {'m': beta, 'n': 1.0})
+  np.testing.assert_allclose(out['m'], [run(8.0, g[2] + g[0])], rtol=1e-6)
+  assert int(out['n']) == 5 + 2 + 1
+
+
+def test_shared_optimizer_state_skips_nan_clients(data):
+  """FedAvg with one client optimizer state shared by the clients
+  (`shared_state`) and NaN clients sampled: the kept clients train with the
+  schedule's steps of their positions among all the round's clients, and
+  the next shared state is one optimizer's after the kept clients'
+  gradients in order, as a plain loop computes it."""
+  opt = lib.client_opt()
+  ref = lib.reference_state()
+  shared = opt.init(ref.params)
+  for r, ids in enumerate(ROUND_IDS):
+    order = sorted(int(c) for c in ids)
+    grads, deltas, weights = [], [], []
+    for p, cid in enumerate(order):
+      if cid in BAD:
+        continue
+      log = []
+      params, _, _ = lib.train_client(
+          ref.params, data.images[cid], data.labels[cid],
+          int(data.counts[cid]), lib.client_key(ref.rng, r, cid), r,
+          opt_state=shared, step_offset=(r * len(order) + p) * lib.LOCAL_STEPS,
+          grads_log=log)
+      grads += log
+      deltas.append(lib.delta64(params, ref.params))
+      weights.append(int(data.counts[cid]))
+    shared = lib.sequential_state(opt, shared, grads, ref.params)
+    ref = lib.server_step(ref, jax.tree.map(
+        np.negative, lib.weighted_mean64(deltas, weights)))
+  algorithm, sharded = lib.make_algorithm(
+      data, 1, loss=poisoned_loss, optimizer=opt,
+      **{'client_optimizer.shared_state': True, 'federation.mode': 'map',
+         'federation.clients_per_round': 8})
+  state, metrics, _ = lib.run_rounds(algorithm, sharded, ROUND_IDS)
+  assert [faults.round_counts(m)['clients_nonfinite'] for m in metrics] == [
+      3, 2]
+  lib.assert_trees_close(state.params, ref.params)
+  lib.assert_trees_close(state.client_opt_state, shared, rtol=1e-4,
+                         atol=1e-6)
+
+
+def test_dp_round_skips_nan_clients(data):
+  """DP-FedAvg with NaN clients sampled: a dropped client is as if not
+  sampled (weight 0 in the noised sum, the divisor is still the expected
+  cohort m), against testlib's DP loop over the other clients."""
+  config = lib.tiny_config(dp=lib.dp_config(clip_norm=0.1,
+                                            noise_multiplier=0.5))
+  config.federation.clients_per_round = 8
+  config.federation.mode = 'map'
+  algorithm, sharded = lib.make_algorithm(
+      data, 1, config=config, loss=poisoned_loss,
+      upload=build.upload_from_config(config))
+  state, metrics, _ = lib.run_rounds(algorithm, sharded, ROUND_IDS)
+  ref = lib.reference_state()
+  for ids in ROUND_IDS:
+    ref, _, _ = lib.dp_fedavg_round(
+        ref, data, [c for c in ids if c not in BAD], clip_norm=0.1,
+        noise_multiplier=0.5, expected_cohort=8)
+  assert [faults.round_counts(m)['clients_dropped'] for m in metrics] == [
+      3, 2]
+  lib.assert_trees_close(state.params, ref.params)
+  lib.assert_trees_close(state.ema_params, ref.ema_params)
