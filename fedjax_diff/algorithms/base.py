@@ -55,6 +55,12 @@ trajectory starts from x_r instead of from the state the clients before it
 left (its Adam moments miss their gradients, its bias correction counts
 p_k·S steps fewer). With one client per round the two are the same.
 
+A client left out of the round (`strategies.faults`: a non-finite upload,
+an injected dropout) is left out of x_{r+1} too, as if not sampled; a
+straggler's part counts the steps it ran. Its position still counts in the
+others' schedule steps p_k·S: that it failed is known only after the
+round's clients trained.
+
 Client-level DP (`config.dp`, `strategies.privacy`) is the base class's:
 it builds the run's aggregator once (`self.aggregator`: the example-weighted
 mean, or DP-FedAvg's noised sum of clipped updates), samples the clients
@@ -255,7 +261,8 @@ class Settings:
                num_clients=num_clients, clients_per_round=per_round,
                local_steps=local_steps, batch_size=batch_size, mode=mode,
                chunk_size=chunk_size or None, keep_optimizer_state=keep,
-               shared_optimizer_state=shared, random_flip=flip, faults=faults_lib.config_from(config))
+               shared_optimizer_state=shared, random_flip=flip,
+               faults=faults_lib.config_from(config))
 
 
 def round_clients(config: ml_collections.ConfigDict, num_clients: int,
