@@ -198,7 +198,8 @@ def test_injected_faults_match_python_loop(weight_by_steps):
   assert any(s < lib.LOCAL_STEPS for p in plans for k, s in p.values()
              if k == 'straggler')
   by_devices = {}
-  for num_devices in (1, 8):
+  # 1 against 8 devices once; weighting by steps on 8 only (test time).
+  for num_devices in ((8,) if weight_by_steps else (1, 8)):
     algorithm, sharded = _injected(data, num_devices,
                                    weight_by_steps=weight_by_steps)
     state, metrics, _ = lib.run_rounds(algorithm, sharded, ROUND_IDS)
@@ -222,6 +223,8 @@ def test_injected_faults_match_python_loop(weight_by_steps):
       assert counts['clients_dropped'] == 4
       assert counts['clients_nonfinite'] == 2    # the NaN and Inf uploads.
       assert not faults.diverged(m)
+  if weight_by_steps:
+    return
   for x, y in zip(jax.tree.leaves(by_devices[1]),
                   jax.tree.leaves(by_devices[8])):
     np.testing.assert_allclose(np.asarray(x, np.float64),
