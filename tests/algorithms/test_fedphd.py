@@ -263,12 +263,13 @@ def test_shared_optimizer_state_in_fedphds_loop_order():
   optimizer): clients ordered edge by edge, by id within an edge, on 8
   devices against the loops."""
   data = make_data()
+  ids = ROUND_IDS[:3]
   algorithm, sharded = lib.make_algorithm(
       data, 8, name='fedphd',
       **{'hierarchy': hierarchy(), 'federation.mode': 'vmap',
          'federation.num_clients': NUM_CLIENTS,
+         'federation.clients_per_round': len(ids[0]),
          'client_optimizer.shared_state': True})
-  ids = ROUND_IDS[:3]
   state, metrics, _ = lib.run_rounds(algorithm, sharded, ids)
   ref = reference_run(data, ids, algorithm.hierarchy, shared_state=True)
   drawn = [client_edges(m, r_ids, algorithm, sharded)
