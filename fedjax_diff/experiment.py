@@ -23,7 +23,8 @@ from fedjax_diff import federation
 from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff.diffusion import diffusion_loss
-from fedjax_diff.diffusion import make_schedule
+from fedjax_diff.diffusion import schedule_from_config
+from fedjax_diff.diffusion.losses import cond_drop_prob_from_config
 from fedjax_diff.strategies import build as strategies_build
 
 PyTree = Any
@@ -46,16 +47,13 @@ def init_model(config: ml_collections.ConfigDict, image_shape):
 def schedule_of(config: ml_collections.ConfigDict):
   """The noise schedule of `config.diffusion` (`schedule`, `num_timesteps`,
   and `beta_start` / `beta_end` where given, e.g. LDM's)."""
-  betas = {k: float(config.diffusion[k]) for k in ('beta_start', 'beta_end')
-           if config.diffusion.get(k) is not None}
-  return make_schedule(config.diffusion.schedule,
-                       int(config.diffusion.num_timesteps), **betas)
+  return schedule_from_config(config.diffusion)
 
 
 def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
   """The local training loss `(params, x, labels, rng) -> scalar`."""
   num_classes = config.model.get('num_classes')
-  drop = float(config.diffusion.get('cond_drop_prob', 0.0))
+  drop = cond_drop_prob_from_config(config)
 
   def loss_fn(params, x, labels, rng):
     return diffusion_loss(

@@ -228,6 +228,26 @@ def make_schedule(name: str, num_timesteps: int, **kwargs: Any
   return fn(num_timesteps, **kwargs)
 
 
+def schedule_from_config(cfg) -> NoiseSchedule:
+  """The schedule of `config.diffusion` (fields `schedule`, a name,
+  `num_timesteps`, T, and `beta_start` / `beta_end` where given, e.g. LDM's
+  scaled_linear).
+
+  Raises:
+    ValueError: an unknown name or a T that is not an int >= 1.
+  """
+  num = cfg.get('num_timesteps')
+  if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    raise ValueError(f'config.diffusion.num_timesteps must be an int >= 1 '
+                     f'(DDPM: 1000), got {num!r}.')
+  betas = {k: float(cfg[k]) for k in ('beta_start', 'beta_end')
+           if cfg.get(k) is not None}
+  try:
+    return make_schedule(cfg.get('schedule', 'linear'), num, **betas)
+  except ValueError as e:
+    raise ValueError(f'config.diffusion.schedule: {e}') from None
+
+
 def _check_num_timesteps(num_timesteps: int) -> None:
   if int(num_timesteps) != num_timesteps or num_timesteps < 1:
     raise ValueError(

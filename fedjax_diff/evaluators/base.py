@@ -5,6 +5,11 @@ names its module in `fedjax_diff.evaluators`, which defines `Evaluator`), runs
 on the server state every `every_rounds` rounds and at the last round, and
 returns named figures that go to metrics.jsonl and TensorBoard.
 
+An `Evaluator` declares its entry's fields in `FIELDS` (name → `Field`);
+`parse(cfg, FIELDS, where)` checks an entry against them (unknown fields,
+types, ranges, choices) and fills the defaults. The evaluator's constructor
+and the config check before a run (`fedjax_diff.validation`) both use it.
+
 Which model the evaluators judge is `config.eval_params` (`EvalContext.params`):
 'ema' (default), the exponential moving average of the global parameters that
 DDPM samples from (Ho et al. 2020, arXiv 2006.11239), or 'raw', the global
@@ -16,6 +21,7 @@ first stage's decoder, so that every figure is of images.
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import jax
@@ -107,8 +113,78 @@ def evaluated_params(state: ServerState, ctx: EvalContext):
   return state.ema_params if ctx.params == 'ema' else state.params
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One field of an evaluator's entry.
+
+  Attributes:
+    default: its value when absent.
+    kind: 'int', 'float', 'str', 'bool', or 'path' (a str or None).
+    low: the smallest value allowed (numbers).
+    choices: the values allowed (str).
+    optional: None is allowed too.
+  """
+  default: Any
+  kind: str
+  low: Optional[float] = None
+  choices: Optional[tuple[str, ...]] = None
+  optional: bool = False
+
+
+EVERY_ROUNDS = Field(10, 'int', low=0)
+
+
+def parse(cfg, fields: Mapping[str, Field],
+          where: str) -> ml_collections.ConfigDict:
+  """`cfg` checked against `fields`, with every field present.
+
+  Raises:
+    ValueError: an unknown field, or a value of the wrong kind, below `low`
+      or not among `choices` (the message names `where`.field).
+  """
+  cfg = cfg if cfg is not None else {}
+  unknown = sorted(set(cfg.keys()) - set(fields))
+  if unknown:
+    raise ValueError(f'{where} has unknown fields {unknown}; the fields are '
+                     f'{sorted(fields)}.')
+  out = {}
+  for name, field in fields.items():
+    value = cfg.get(name, field.default)
+    out[name] = _check(value, field, f'{where}.{name}')
+  return ml_collections.ConfigDict(out)
+
+
+def _check(value, field: Field, where: str):
+  if value is None and (field.optional or field.kind == 'path' or
+                        field.default is None):
+    return None
+  kind = field.kind
+  if kind == 'bool':
+    ok = isinstance(value, bool)
+  elif kind == 'int':
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif kind == 'float':
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and
+          math.isfinite(value))
+    value = float(value) if ok else value
+  else:  # 'str' or 'path'
+    ok = isinstance(value, str)
+  if not ok:
+    raise ValueError(f'{where} must be {_KINDS[kind]}, got {value!r}.')
+  if field.low is not None and value < field.low:
+    raise ValueError(f'{where} must be >= {field.low:g}, got {value!r}.')
+  if field.choices is not None and value not in field.choices:
+    raise ValueError(f'{where}={value!r}; use one of {field.choices}.')
+  return value
+
+
+_KINDS = {'bool': 'True or False', 'int': 'an int', 'float': 'a number',
+          'str': 'a str', 'path': 'a path (str) or None'}
+
+
 class Evaluator(Protocol):
   every_rounds: int
+  FIELDS: Mapping[str, Field]
 
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
     ...

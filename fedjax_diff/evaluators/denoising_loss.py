@@ -18,6 +18,7 @@ import numpy as np
 
 from fedjax_diff import client
 from fedjax_diff.diffusion import diffusion_loss
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
 
@@ -25,11 +26,16 @@ from fedjax_diff.evaluators.base import evaluated_params
 class Evaluator:
   """Config: every_rounds, num_examples (0 = all), batch_size."""
 
+  FIELDS = {'every_rounds': base.EVERY_ROUNDS,
+            'num_examples': base.Field(0, 'int', low=0),
+            'batch_size': base.Field(128, 'int', low=1)}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
-    batch = int(cfg.get('batch_size', 128))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.denoising_loss')
+    self.every_rounds = int(cfg.every_rounds)
+    batch = int(cfg.batch_size)
     n = len(ctx.test_data)
-    want = int(cfg.get('num_examples', 0)) or n
+    want = int(cfg.num_examples) or n
     num_batches = max(1, min(want, n) // batch)
     if min(want, n) < batch:
       batch = min(want, n)

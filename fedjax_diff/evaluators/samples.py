@@ -18,6 +18,7 @@ import numpy as np
 
 from fedjax_diff import image_grid
 from fedjax_diff import workdir as workdir_lib
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
 from fedjax_diff.evaluators.base import make_drawer
@@ -27,10 +28,18 @@ class Evaluator:
   """Config: every_rounds, num_samples, method, num_steps, eta,
   guidance_scale."""
 
+  FIELDS = {'every_rounds': base.EVERY_ROUNDS,
+            'num_samples': base.Field(64, 'int', low=1),
+            'method': base.Field('ddim', 'str', choices=('ddim', 'ddpm')),
+            'num_steps': base.Field(50, 'int', low=1),
+            'eta': base.Field(0.0, 'float', low=0.0),
+            'guidance_scale': base.Field(1.0, 'float')}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.samples')
+    self.every_rounds = int(cfg.every_rounds)
     self._ctx = ctx
-    self.num_samples = int(cfg.get('num_samples', 64))
+    self.num_samples = int(cfg.num_samples)
     self._labels = None
     self._nrow = None
     if ctx.num_classes is not None:
@@ -38,10 +47,9 @@ class Evaluator:
       if self.num_samples % ctx.num_classes == 0:
         self._nrow = ctx.num_classes
     self._draw = make_drawer(
-        ctx, self.num_samples, method=str(cfg.get('method', 'ddim')),
-        num_steps=int(cfg.get('num_steps', 50)),
-        eta=float(cfg.get('eta', 0.0)),
-        guidance_scale=float(cfg.get('guidance_scale', 1.0)))
+        ctx, self.num_samples, method=str(cfg.method),
+        num_steps=int(cfg.num_steps), eta=float(cfg.eta),
+        guidance_scale=float(cfg.guidance_scale))
     self._key = jax.random.PRNGKey(ctx.seed + 104729)
 
   def __call__(self, state, round_idx):
