@@ -12,8 +12,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Several tests compile the same programs (each trainer run compiles its round
 # and evaluators again). A persistent compilation cache, shared by the test
 # session, compiles each once; set FEDJAX_TEST_CACHE= to disable.
+# Each pytest-xdist worker gets its own folder: JAX's cache writes an entry
+# in place (jax/_src/lru_cache.py, no lock without eviction), so a worker
+# could read an entry another is still writing. That is the likely cause of
+# the "Fatal Python error: Aborted" seen in an eager op of
+# tests/test_resilience.py with one folder shared by both workers.
 _cache = os.environ.get('FEDJAX_TEST_CACHE', '/tmp/fedjax_diff_test_jax_cache')
 if _cache:
+  _cache = os.path.join(_cache, os.environ.get('PYTEST_XDIST_WORKER', 'main'))
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _cache)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
