@@ -23,3 +23,29 @@ if _cache:
   os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _cache)
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+# The slow tier (tests/slow_tests.txt, written by tests/slow_tier.py from a
+# full run's durations): skipped unless pytest is given --slow, so that the
+# README's test command, which CI runs, stays within CI's time on 2 cores.
+def _slow_tests():
+  with open(os.path.join(os.path.dirname(__file__), 'slow_tests.txt')) as f:
+    return {line.split('#')[0].strip() for line in f
+            if line.strip() and not line.startswith('#')}
+
+
+def pytest_addoption(parser):
+  parser.addoption('--slow', action='store_true',
+                   help='also run the slow tier (tests/slow_tests.txt)')
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('--slow'):
+    return
+  import pytest  # pylint: disable=g-import-not-at-top
+  slow = _slow_tests()
+  skip = pytest.mark.skip(
+      reason='slow tier (tests/slow_tests.txt): run with --slow')
+  for item in items:
+    if item.nodeid in slow:
+      item.add_marker(skip)
