@@ -26,7 +26,7 @@ import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEEP = ('tests/test_trainer.py::', 'tests/models/test_mixed_precision.py::')
-_LINE = re.compile(r'([\d.]+)s (call|setup|teardown)\s+(\S+)')
+_LINE = re.compile(r'([\d.]+)s (call|setup|teardown)\s+(.+?)\s*$')
 
 
 def slow_tests(logs: list[str],
