@@ -137,8 +137,10 @@ def format_summary(summary: dict[str, Any]) -> str:
   """A few human-readable lines of `run_summary`."""
   mib = 2.0 ** 20
   ratio = summary['uplink_fraction_of_fedavg_fp32']
-  if not ratio or ratio == 1:
-    vs_fedavg = 'the same as FedAvg in fp32' if ratio else 'no upload'
+  if not ratio:
+    vs_fedavg = 'no upload'
+  elif ratio == 1:
+    vs_fedavg = 'the same as FedAvg in fp32'
   elif ratio < 1:
     vs_fedavg = f'{1 / ratio:.2f}× less than FedAvg in fp32'
   else:  # SCAFFOLD sends Δy and Δc.

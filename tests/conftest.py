@@ -2,6 +2,10 @@
 
 import os
 
+import pytest
+
+import slow_tier
+
 # Must happen before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
@@ -28,12 +32,6 @@ if _cache:
 # The slow tier (tests/slow_tests.txt, written by tests/slow_tier.py from a
 # full run's durations): skipped unless pytest is given --slow, so that the
 # README's test command, which CI runs, stays within CI's time on 2 cores.
-def _slow_tests():
-  with open(os.path.join(os.path.dirname(__file__), 'slow_tests.txt')) as f:
-    return {line.split('#')[0].strip() for line in f
-            if line.strip() and not line.startswith('#')}
-
-
 def pytest_addoption(parser):
   parser.addoption('--slow', action='store_true',
                    help='also run the slow tier (tests/slow_tests.txt)')
@@ -42,8 +40,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
   if config.getoption('--slow'):
     return
-  import pytest  # pylint: disable=g-import-not-at-top
-  slow = _slow_tests()
+  slow = slow_tier.read()
   skip = pytest.mark.skip(
       reason='slow tier (tests/slow_tests.txt): run with --slow')
   for item in items:

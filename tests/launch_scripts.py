@@ -30,12 +30,13 @@ def _names_in(script: str) -> set[str]:
 def load(script: str):
   """The module of launch/<script>.py, its flags made the active ones."""
   name = f'fedjax_diff_launch_{script}'
-  mine = _names_in(script)
+  loaded = name in sys.modules
+  mine = set(_FLAGS_OF[script]) if loaded else _names_in(script)
   others = set().union(*(set(f) for s, f in _FLAGS_OF.items() if s != script))
   for flag in sorted(others | mine):
     if flag in flags.FLAGS:
       delattr(flags.FLAGS, flag)
-  if name in sys.modules:
+  if loaded:
     for flag, value in _FLAGS_OF[script].items():
       flags.FLAGS[flag] = value
     return sys.modules[name]

@@ -25,6 +25,7 @@ import os
 import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PATH = os.path.join(HERE, 'slow_tests.txt')
 KEEP = ('tests/test_trainer.py::', 'tests/models/test_mixed_precision.py::')
 _LINE = re.compile(r'([\d.]+)s (call|setup|teardown)\s+(.+?)\s*$')
 
@@ -66,6 +67,13 @@ def slow_tests(logs: list[str],
   return sorted(((t, n) for n, t in slow.items()), reverse=True)
 
 
+def read() -> set[str]:
+  """The node ids listed in tests/slow_tests.txt."""
+  with open(PATH) as f:
+    return {line.split('#')[0].strip() for line in f
+            if line.strip() and not line.startswith('#')}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('logs', nargs='+', help='outputs of pytest '
@@ -73,14 +81,13 @@ def main():
   parser.add_argument('--threshold', type=float, default=20.0)
   args = parser.parse_args()
   slow = slow_tests(args.logs, args.threshold)
-  path = os.path.join(HERE, 'slow_tests.txt')
-  with open(path, 'w') as f:
+  with open(PATH, 'w') as f:
     f.write(f'# The slow tier: tests over {args.threshold:g} s in a full run '
             'on 2 CPU cores\n# (seconds measured then). Written by '
             'tests/slow_tier.py; run them with --slow.\n')
     for t, node in slow:
       f.write(f'{node}  # {t:.0f}\n')
-  print(f'{len(slow)} slow tests ({sum(t for t, _ in slow):.0f} s) -> {path}')
+  print(f'{len(slow)} slow tests ({sum(t for t, _ in slow):.0f} s) -> {PATH}')
 
 
 if __name__ == '__main__':
