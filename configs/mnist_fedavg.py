@@ -105,6 +105,17 @@ def get_config(arg=None):
       scale_method='minmax', error_feedback=False, calib_batch=4,
       calib_steps=4, calib_t_frac=0.4, calib_t_spread=0.05))
 
+  # Injected client faults, for tests and studies (fedjax_diff/strategies/
+  # faults.py); all 0: none. Per round, these fractions of the sampled
+  # clients drop out before uploading, upload NaN or +Inf (fault isolation,
+  # always on, leaves any non-finite upload out of the round), or run
+  # straggler_min_steps..local_steps-1 local steps (stragglers; FedAvg
+  # weighs them by examples, or by examples·steps_run/local_steps with
+  # weight_by_steps). Deterministic from the seed, the round and the
+  # client's id.
+  config.faults = ml_collections.ConfigDict(dict(
+      dropout=0.0, nan=0.0, inf=0.0, straggler=0.0, straggler_min_steps=1,
+      weight_by_steps=False))
   # The model the evaluators judge: 'ema' (the EMA of the global model,
   # DDPM's choice) or 'raw' (the global model itself, FedPhD's code's).
   config.eval_params = 'ema'

@@ -3,6 +3,10 @@ r"""CPU-tiny config for tests: embedded 8×8 digits, 4 clients, 2 rounds.
 Command:
   python launch/train.py --config=configs/test.py --workdir=/tmp/fedjax_test
 
+`configs/test.py:tiny` shrinks it further for tests that run it many times
+(resume, faults): a 4-channel UNet without attention, one local step, no
+evaluators, a checkpoint every round.
+
 Expected runtime: well under a minute on a CPU (mostly compilation).
 """
 
@@ -13,7 +17,9 @@ from configs import mnist_fedavg
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, '', 'tiny'):
+    raise ValueError(f"configs/test.py takes no argument or 'tiny'; got "
+                     f'{arg!r}.')
   config = mnist_fedavg.get_config()
   config.num_rounds = 2
   config.data.name = 'digits'
@@ -37,4 +43,11 @@ def get_config(arg=None):
                    num_steps=5, eta=0.0),
   ))
   config.checkpoint_every = 1
+  if arg == 'tiny':
+    config.model.ch = 4
+    config.model.num_groups = 2
+    config.model.attn_resolutions = ()
+    config.federation.local_steps = 1
+    config.client_optimizer.warmup_steps = 0
+    config.evaluators = ml_collections.ConfigDict()
   return config

@@ -49,7 +49,11 @@ UPLOAD = 'upload'
 
 
 def to_float_images(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] → float32 [−1, 1], the range the diffusion model sees."""
+  """uint8 [0, 255] → float32 [−1, 1], the range the diffusion model sees;
+  float data (latents of latent diffusion) are already in the model's space
+  and pass through."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(jnp.float32)
   return images.astype(jnp.float32) / 127.5 - 1.0
 
 
@@ -92,18 +96,24 @@ def make_local_training(loss_fn: LossFn,
   """Local training of one client: `local_steps` steps under `lax.scan`.
 
   Returns `train(start_params, images, labels, count, key, round,
-  opt_state=None, extra_args=None, step_offset=None) -> (params, mean_loss,
-  opt_state)`, with `images` the client's uint8 `[max_n, H, W, C]`. The
-  optimizer is called as `update(grads, state, params,
-  global_params=start_params, global_step=o + s, **extra_args)` with
+  opt_state=None, extra_args=None, step_offset=None, num_steps=None) ->
+  (params, mean_loss, opt_state)`, with `images` the client's uint8
+  `[max_n, H, W, C]`. The optimizer is called as `update(grads, state,
+  params, global_params=start_params, global_step=o + s, **extra_args)` with
   o = `step_offset`, by default round·local_steps (the schedule counts a
   client's own steps); it starts from `opt_state` when given (a client that
   keeps its optimizer state across rounds, or a shared one), else from a
-  fresh `init` (FedAvg). Keys: see the module docstring.
+  fresh `init` (FedAvg). `num_steps` (a traced int, ≤ local_steps; a
+  straggler, `strategies.faults`) stops the client after its first
+  `num_steps` steps: the scan still has `local_steps` iterations (one
+  program for every client), but steps s ≥ num_steps leave the parameters
+  and the optimizer state as they are, and the mean loss is over the steps
+  run. Keys: see the module docstring.
   """
 
   def train(start_params, images, labels, count, key, round_idx,
-            opt_state=None, extra_args=None, step_offset=None):
+            opt_state=None, extra_args=None, step_offset=None,
+            num_steps=None):
     order_key, train_key = jax.random.split(key)
     order = epoch_order(order_key, count, images.shape[0])
     if opt_state is None:
@@ -117,14 +127,23 @@ def make_local_training(loss_fn: LossFn,
       x, y = client_batch(images, labels, order, count, s, batch_size,
                           flip_key, random_flip)
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y, loss_key)
-      updates, opt_state = client_optimizer.update(
+      updates, new_opt_state = client_optimizer.update(
           grads, opt_state, params, global_params=start_params,
           global_step=offset + s, **extra_args)
-      return (optax.apply_updates(params, updates), opt_state), loss
+      new = (optax.apply_updates(params, updates), new_opt_state)
+      if num_steps is not None:
+        active = s < num_steps
+        new = jax.tree.map(lambda a, b: jnp.where(active, a, b), new,
+                           (params, opt_state))
+        loss = jnp.where(active, loss, 0.0)
+      return new, loss
 
     (params, opt_state), losses = jax.lax.scan(
         step, (start_params, opt_state), jnp.arange(local_steps))
-    return params, losses.mean(), opt_state
+    if num_steps is None:
+      return params, losses.mean(), opt_state
+    return (params, losses.sum() / jnp.maximum(num_steps, 1).astype(
+        losses.dtype), opt_state)
 
   return train
 
@@ -147,6 +166,8 @@ class ClientUpdate(NamedTuple):
     norm: ‖Δ_k‖, the client's drift from its start.
     upload_error: ‖Δ̂_k − Δ_k‖ (0 without an upload path).
     opt_state: the client optimizer's state after the last local step.
+    steps: the local steps it ran (int32) when capped by `num_steps`;
+      None: all `local_steps`.
   """
   update: PyTree
   params: PyTree
@@ -155,6 +176,7 @@ class ClientUpdate(NamedTuple):
   norm: jax.Array
   upload_error: jax.Array
   opt_state: Any = None
+  steps: Any = None
 
 
 def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
@@ -166,25 +188,27 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
 
   Returns:
     `client_update(start, data: LocalData, key, rows, round,
-    extra_args=None, opt_state=None, step_offset=None, clip_norm=None)
-    -> ClientUpdate`.
+    extra_args=None, opt_state=None, step_offset=None, clip_norm=None,
+    num_steps=None) -> ClientUpdate`.
     Training starts from `opt_state` when given, else from the client's
     own optimizer state when `rows` holds it (`OPTIMIZER`; the state after
     the last local step then replaces it), else from a fresh one; the
     upload's state (`UPLOAD`) is carried likewise. `step_offset`: see
     `make_local_training`. `clip_norm` is the round's clip norm the server
     broadcasts (DP, `strategies.privacy`), handed to the upload path as
-    `UploadContext.clip_norm`.
+    `UploadContext.clip_norm`. `num_steps`: a straggler's step count (see
+    `make_local_training`).
   """
 
   def client_update(start, data: LocalData, key, rows, round_idx,
                     extra_args=None, opt_state=None, step_offset=None,
-                    clip_norm=None):
+                    clip_norm=None, num_steps=None):
     if opt_state is None:
       opt_state = rows.get(OPTIMIZER)
     params, loss, opt_state = train(start, data.images, data.labels,
                                     data.count, key, round_idx, opt_state,
-                                    extra_args, step_offset)
+                                    extra_args, step_offset, num_steps)
+    steps = None if num_steps is None else jnp.asarray(num_steps, jnp.int32)
     rows = dict(rows)
     if OPTIMIZER in rows:
       rows[OPTIMIZER] = opt_state
@@ -192,7 +216,7 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
     norm = clipping.global_norm(delta)
     if upload is None:
       return ClientUpdate(delta, params, rows, loss, norm,
-                          jnp.zeros_like(norm), opt_state)
+                          jnp.zeros_like(norm), opt_state, steps)
     ctx = upload_lib.UploadContext(global_params=start, params=params,
                                    labels=data.labels, count=data.count,
                                    round=round_idx, clip_norm=clip_norm)
@@ -205,7 +229,8 @@ def make_client_update(train, upload: Optional[upload_lib.UploadTransform]):
       rows[UPLOAD] = z
     err = clipping.global_norm(
         jax.tree.map(jnp.subtract, delta_hat, delta))
-    return ClientUpdate(delta_hat, params, rows, loss, norm, err, opt_state)
+    return ClientUpdate(delta_hat, params, rows, loss, norm, err, opt_state,
+                        steps)
 
   return client_update
 

@@ -136,13 +136,21 @@ def with_exact_totals(summary: dict[str, Any], rounds: list[dict[str, int]],
 def format_summary(summary: dict[str, Any]) -> str:
   """A few human-readable lines of `run_summary`."""
   mib = 2.0 ** 20
+  ratio = summary['uplink_fraction_of_fedavg_fp32']
+  if not ratio:
+    vs_fedavg = 'no upload'
+  elif ratio == 1:
+    vs_fedavg = 'the same as FedAvg in fp32'
+  elif ratio < 1:
+    vs_fedavg = f'{1 / ratio:.2f}× less than FedAvg in fp32'
+  else:  # SCAFFOLD sends Δy and Δc.
+    vs_fedavg = f'{ratio:.2f}× FedAvg in fp32'
   return (
       f'Communication over {summary["rounds"]} rounds × '
       f'{summary["clients_per_round"]} clients (upload: {summary["upload"]}):'
       f'\n  uplink   {summary["total_uplink_bytes"] / mib:,.2f} MiB '
       f'({summary["uplink_bytes_per_client"]:,} B per client and round), '
-      f'{summary["uplink_compression_vs_fedavg_fp32"]:.2f}× less than FedAvg '
-      'in fp32'
+      f'{vs_fedavg}'
       f'\n  downlink {summary["total_downlink_bytes"] / mib:,.2f} MiB '
       f'({summary["downlink_bytes_per_client"]:,} B per client and round)'
       f'\n  total    {summary["total_bytes"] / mib:,.2f} MiB')

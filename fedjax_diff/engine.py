@@ -27,8 +27,10 @@ function of all of them:
   models), then `finalize` reduces it over the mesh (`psum`) with the
   aggregator's key (DP noise).
 * Weights: a slot weighs `mask · keep · aggregator.weight(count)`, with
-  `keep` from the client (0 drops it, e.g. a non-finite update) and 0 for
-  padding slots, whose contributions never leak into the aggregate.
+  `keep` from the client (0 drops it, e.g. a non-finite update:
+  `strategies.faults`) and 0 for padding slots, whose contributions never
+  leak into the aggregate. A dropped client's rows are not written back:
+  the round leaves them as they were, as if it had not been sampled.
 
 `make_client_round` adds the round's bookkeeping on top: client k's key is
 `fold_in(fold_in(state.rng, round), k)` with k its global id (so a client's
@@ -114,7 +116,8 @@ class ClientResult(NamedTuple):
     outputs: anything else, returned stacked per slot (losses, norms, a
       client's whole model in FedDDPM's phase 1).
     count: the client's example count, which the aggregator may weigh by.
-    keep: 0 drops the client from the aggregate (its weight becomes 0).
+    keep: a factor of the client's weight in [0, 1]; 0 drops the client:
+      its weight is 0 and its rows are not written back.
   """
   contribution: PyTree
   rows: dict
@@ -164,10 +167,11 @@ def for_each_client(client_fn: ClientFn, *, mesh: Mesh, mode: str = 'auto',
       data_row = jax.tree.map(lambda x: x[local_id], data)
       row = jax.tree.map(lambda x: x[local_id], rows)
       res = client_fn(shared, slot_input, data_row, row)
-      weight = m * jnp.asarray(res.keep, jnp.float32)
+      keep = m * jnp.asarray(res.keep, jnp.float32)
+      weight = keep
       if aggregator is not None:
         weight = weight * aggregator.weight(res.count)
-      return res.contribution, weight, res.rows, res.outputs
+      return res.contribution, weight, res.rows, (res.outputs, keep)
 
     vmapped = jax.vmap(one)
 
@@ -183,12 +187,13 @@ def for_each_client(client_fn: ClientFn, *, mesh: Mesh, mode: str = 'auto',
                               *jax.tree.map(lambda x: x[0, 0], chunked))
       acc0 = as_varying(aggregator.init(shapes), clients)
     acc, per_slot = jax.lax.scan(body, acc0, chunked)
-    new_rows, outs, weights = jax.tree.map(
+    new_rows, (outs, keeps), weights = jax.tree.map(
         lambda x: x.reshape((per_device,) + x.shape[2:]), per_slot)
-    # Real clients write their rows back; padding slots point past the end.
+    # Kept real clients write their rows back; padding slots and dropped
+    # clients point past the end.
     num_local = jax.tree.leaves(rows)[0].shape[0] if jax.tree.leaves(
         rows) else 0
-    where = jnp.where(mask > 0, local_ids, num_local)
+    where = jnp.where(keeps > 0, local_ids, num_local)
     rows = jax.tree.map(lambda full, new: full.at[where].set(new, mode='drop'),
                         rows, new_rows)
     aggregate = (aggregator.finalize(acc, clients, key)
@@ -257,7 +262,7 @@ def make_client_round(client_fn: ClientFn, *, mesh: Mesh, mode: str = 'auto',
     key=None) -> (aggregate, outputs, client_states)` to call inside the
     round's `jit`, with `client_ids`/`client_mask` from
     `federation.round_slots`; `outputs` (a dict) gains `'weight'`, each
-    slot's weight in the aggregate.
+    slot's weight in the aggregate, and `'mask'`, `client_mask`.
   """
   run_clients = for_each_client(client_fn, mesh=mesh, mode=mode,
                                 chunk_size=chunk_size, aggregator=aggregator)
@@ -283,26 +288,37 @@ def make_client_round(client_fn: ClientFn, *, mesh: Mesh, mode: str = 'auto',
         shared, (keys, slot_inputs), data, state.client_states, local_ids,
         client_mask, key)
     rows = jax.lax.with_sharding_constraint(rows, rows_sharding)
-    return aggregate, {**outputs, 'weight': weights}, rows
+    return aggregate, {**outputs, 'weight': weights, 'mask': client_mask}, rows
 
   return run
 
 
 def client_metrics(outputs: dict) -> dict:
   """A round's client figures from `outputs` of `client.ClientUpdate`
-  fields: `loss` (weighted mean over real clients) and per slot
-  `client_losses`, `client_weights`, `client_update_norms`,
-  `client_upload_errors`."""
+  fields: `loss` (weighted mean over the clients kept; NaN when none was),
+  `clients_dropped` (real clients given weight 0) and per slot
+  `client_losses`, `client_weights` (0: padding or dropped),
+  `client_mask` (0: padding), `client_update_norms`,
+  `client_upload_errors`, `client_nonfinite` (1: dropped for a non-finite
+  upload or loss) and, with fault injection, `client_faults`
+  (`strategies.faults` kinds)."""
   w = outputs['weight']
-  total = jnp.maximum(w.sum(), 1.0)
+  total = w.sum()
   losses = outputs['loss']
-  return {
-      'loss': jnp.sum(jnp.where(w > 0, losses, 0) * w) / total,
+  out = {
+      'loss': jnp.where(total > 0, jnp.sum(jnp.where(w > 0, losses, 0) * w) /
+                        jnp.maximum(total, 1e-30), jnp.nan),
+      'clients_dropped': jnp.sum((outputs['mask'] > 0) & (w == 0)),
       'client_losses': losses,
       'client_weights': w,
+      'client_mask': outputs['mask'],
       'client_update_norms': outputs['norm'],
       'client_upload_errors': outputs['upload_error'],
+      'client_nonfinite': outputs['nonfinite'],
   }
+  if 'fault' in outputs:
+    out['client_faults'] = outputs['fault']
+  return out
 
 
 def num_slots(clients_per_round: int, mesh: Mesh) -> int:

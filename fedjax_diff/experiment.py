@@ -23,7 +23,8 @@ from fedjax_diff import federation
 from fedjax_diff import models
 from fedjax_diff import optimizers
 from fedjax_diff.diffusion import diffusion_loss
-from fedjax_diff.diffusion import make_schedule
+from fedjax_diff.diffusion import schedule_from_config
+from fedjax_diff.diffusion.losses import cond_drop_prob_from_config
 from fedjax_diff.strategies import build as strategies_build
 
 PyTree = Any
@@ -44,15 +45,15 @@ def init_model(config: ml_collections.ConfigDict, image_shape):
 
 
 def schedule_of(config: ml_collections.ConfigDict):
-  """The noise schedule of `config.diffusion`."""
-  return make_schedule(config.diffusion.schedule,
-                       int(config.diffusion.num_timesteps))
+  """The noise schedule of `config.diffusion` (`schedule`, `num_timesteps`,
+  and `beta_start` / `beta_end` where given, e.g. LDM's)."""
+  return schedule_from_config(config.diffusion)
 
 
 def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
   """The local training loss `(params, x, labels, rng) -> scalar`."""
   num_classes = config.model.get('num_classes')
-  drop = float(config.diffusion.get('cond_drop_prob', 0.0))
+  drop = cond_drop_prob_from_config(config)
 
   def loss_fn(params, x, labels, rng):
     return diffusion_loss(
@@ -66,9 +67,11 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
 def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
              data: federation.ClientData, num_clients: int, num_classes: int,
              image_shape, mesh, workdir: str = '',
-             log: Callable[[str], None] = print) -> algorithms.Run:
+             log: Callable[[str], None] = print,
+             latent=None) -> algorithms.Run:
   """The `algorithms.Run` of a config for `model` (possibly pruned) and
-  `data` (sharded over `mesh`)."""
+  `data` (sharded over `mesh`); `image_shape` is the shape of what the
+  model sees (latents under `latent`, a `fedjax_diff.latent.LatentSpace`)."""
   schedule = schedule_of(config)
   eps_fn = models.make_eps_fn(model)
   return algorithms.Run(
@@ -87,7 +90,7 @@ def make_run(config: ml_collections.ConfigDict, *, model, params: PyTree,
       # round): what communication accounting needs.
       param_shapes=jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
-      model=model, log=log)
+      model=model, log=log, latent=latent)
 
 
 def model_flops_per_example(run: algorithms.Run) -> Optional[float]:

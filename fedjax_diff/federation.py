@@ -50,7 +50,9 @@ class ClientData:
   """The whole federation's training data, stacked on a leading client axis.
 
   Attributes:
-    images: uint8 [num_clients, max_examples, H, W, C], zero beyond `counts`.
+    images: [num_clients, max_examples, H, W, C], zero beyond `counts`:
+      uint8 pixels, or float32 latents (latent diffusion,
+      `fedjax_diff.latent`).
     labels: int32 [num_clients, max_examples], zero beyond `counts`.
     counts: int32 [num_clients], examples held by each client (0 = padding).
   """
@@ -103,7 +105,8 @@ def stack_clients(images: np.ndarray, labels: np.ndarray,
   """Stacks a partition into padded numpy arrays `[clients, max_n, ...]`.
 
   Args:
-    images: uint8 [N, H, W, C] examples of the whole dataset.
+    images: [N, H, W, C] examples of the whole dataset (uint8 pixels or
+      float32 latents; the dtype is kept).
     labels: int [N].
     parts: one index array per client (from `fedjax_diff.data.partition`).
     num_slots: total client rows; rows beyond `len(parts)` are empty padding
@@ -116,7 +119,8 @@ def stack_clients(images: np.ndarray, labels: np.ndarray,
   counts = _client_counts(parts, num_slots)
   max_n = int(counts.max(initial=1))
   return ClientData(
-      images=_gather_rows(images, parts, 0, num_slots, max_n, np.uint8),
+      images=_gather_rows(images, parts, 0, num_slots, max_n,
+                          images.dtype),
       labels=_gather_rows(np.asarray(labels, np.int32), parts, 0, num_slots,
                           max_n, np.int32),
       counts=counts)
@@ -161,7 +165,8 @@ def place_clients(images: np.ndarray, labels: np.ndarray,
   what is on the devices.
 
   Args:
-    images: uint8 [N, H, W, C] examples of the whole dataset.
+    images: [N, H, W, C] examples of the whole dataset (uint8 pixels or
+      float32 latents; the dtype is kept).
     labels: int [N].
     parts: one index array per client.
     mesh: the client mesh; rows are padded to a multiple of its size.
@@ -182,7 +187,7 @@ def place_clients(images: np.ndarray, labels: np.ndarray,
 
   labels = np.asarray(labels, np.int32)
   out_images = _put_blocks(image_shape, sharding, lambda index: _gather_rows(
-      images, parts, *rows(index), max_n, np.uint8))
+      images, parts, *rows(index), max_n, images.dtype))
   out_labels = _put_blocks((num_rows, max_n), sharding, lambda index: (
       _gather_rows(labels, parts, *rows(index), max_n, np.int32)))
   out_counts = _put_blocks((num_rows,), sharding,

@@ -13,12 +13,46 @@ clients', see `algorithms/base.py` and `compose_sequential`). Transforms
 that need neither extra argument ignore them (`optax.chain`).
 """
 
+import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+CLIENT_OPTIMIZERS = ('adam', 'sgd')
+SERVER_OPTIMIZERS = ('sgd', 'adam')
+
+
+def number_field(cfg, name: str, where: str, default, *, low: float,
+                 high: Optional[float] = None, low_open: bool = False,
+                 high_open: bool = True, hint: str = '') -> float:
+  """`cfg.name` (`default` when absent or None) as a finite float in
+  [low, high) (open or closed ends as asked), or a ValueError naming
+  `where.name`, the range and `hint`."""
+  value = cfg.get(name, default)
+  if value is None:
+    value = default
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and
+        math.isfinite(value) and (value > low if low_open else value >= low)
+        and (high is None or (value < high if high_open else value <= high)))
+  if not ok:
+    lo = f'{"(" if low_open else "["}{low:g}'
+    hi = f'{high:g}{")" if high_open else "]"}' if high is not None else 'inf)'
+    raise ValueError(f'{where}.{name} must be a finite number in {lo}, {hi}'
+                     f', got {value!r}.{" " + hint if hint else ""}')
+  return float(value)
+
+
+def steps_field(cfg, name: str, where: str) -> int:
+  """`cfg.name` as an int >= 0 (0 when absent), or a ValueError."""
+  value = cfg.get(name, 0)
+  if value is None:
+    value = 0
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f'{where}.{name} must be an int >= 0, got {value!r}.')
+  return value
 
 
 def scale_by_global_step_schedule(
@@ -59,28 +93,42 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
   """The client optimizer: [extra transforms] → clip → adam|sgd → lr schedule.
 
   Args:
-    cfg: fields `name` ('adam' or 'sgd'), `learning_rate`, `warmup_steps`,
-      `grad_clip` (global norm; 0 disables), optional `b1`, `b2`, `eps`,
-      `momentum`. (`keep_state` and `shared_state` are read by the
-      algorithms, not here.)
+    cfg: fields `name` ('adam' or 'sgd'), `learning_rate` (> 0),
+      `warmup_steps` (>= 0), `grad_clip` (global norm; 0 disables),
+      optional `b1`, `b2` (in [0, 1)), `eps` (> 0), `momentum` (in [0, 1)).
+      (`keep_state` and `shared_state` are read by the algorithms, not
+      here.)
     extra: transforms applied first to the raw gradients (e.g. the FedProx
       term, which must see the gradient before clipping and Adam scaling).
+
+  Raises:
+    ValueError: an unknown name or a field out of range (the message names
+      the field of `config.client_optimizer`).
   """
-  chain = list(extra or [])
-  if cfg.get('grad_clip', 0.0):
-    chain.append(optax.clip_by_global_norm(cfg.grad_clip))
+  where = 'config.client_optimizer'
   name = cfg.get('name', 'adam')
+  if name not in CLIENT_OPTIMIZERS:
+    raise ValueError(f'Unknown client optimizer {name!r} in {where}.name; '
+                     f'use one of {CLIENT_OPTIMIZERS}.')
+  lr = number_field(cfg, 'learning_rate', where, None, low=0.0,
+                    low_open=True,
+                    hint='(Adam on a DDPM UNet: 1e-4 to 2e-3.)')
+  warmup = steps_field(cfg, 'warmup_steps', where)
+  clip = number_field(cfg, 'grad_clip', where, 0.0, low=0.0,
+                      hint='(0 disables clipping.)')
+  chain = list(extra or [])
+  if clip:
+    chain.append(optax.clip_by_global_norm(clip))
   if name == 'adam':
-    chain.append(optax.scale_by_adam(b1=cfg.get('b1', 0.9),
-                                     b2=cfg.get('b2', 0.999),
-                                     eps=cfg.get('eps', 1e-8)))
-  elif name == 'sgd':
-    if cfg.get('momentum', 0.0):
-      chain.append(optax.trace(decay=cfg.momentum))
+    chain.append(optax.scale_by_adam(
+        b1=number_field(cfg, 'b1', where, 0.9, low=0.0, high=1.0),
+        b2=number_field(cfg, 'b2', where, 0.999, low=0.0, high=1.0),
+        eps=number_field(cfg, 'eps', where, 1e-8, low=0.0, low_open=True)))
   else:
-    raise ValueError(f"Unknown client optimizer {name!r}; use 'adam' or 'sgd'.")
-  chain.append(scale_by_global_step_schedule(
-      warmup_schedule(cfg.learning_rate, cfg.get('warmup_steps', 0))))
+    momentum = number_field(cfg, 'momentum', where, 0.0, low=0.0, high=1.0)
+    if momentum:
+      chain.append(optax.trace(decay=momentum))
+  chain.append(scale_by_global_step_schedule(warmup_schedule(lr, warmup)))
   return optax.chain(*chain)
 
 
@@ -92,14 +140,20 @@ def server_optimizer(cfg: ml_collections.ConfigDict
   FedAvgM (Reddi et al. 2021, "Adaptive Federated Optimization",
   arXiv 2003.00295).
   """
+  where = 'config.server_optimizer'
   name = cfg.get('name', 'sgd')
-  lr = cfg.get('learning_rate', 1.0)
+  if name not in SERVER_OPTIMIZERS:
+    raise ValueError(f'Unknown server optimizer {name!r} in {where}.name; '
+                     f'use one of {SERVER_OPTIMIZERS}.')
+  lr = number_field(cfg, 'learning_rate', where, 1.0, low=0.0,
+                    low_open=True, hint='(FedAvg: sgd with 1.0.)')
   if name == 'sgd':
-    return optax.sgd(lr, momentum=cfg.get('momentum', None) or None)
-  if name == 'adam':
-    return optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.99),
-                      eps=cfg.get('eps', 1e-3))
-  raise ValueError(f"Unknown server optimizer {name!r}; use 'sgd' or 'adam'.")
+    momentum = number_field(cfg, 'momentum', where, 0.0, low=0.0, high=1.0)
+    return optax.sgd(lr, momentum=momentum or None)
+  return optax.adam(
+      lr, b1=number_field(cfg, 'b1', where, 0.9, low=0.0, high=1.0),
+      b2=number_field(cfg, 'b2', where, 0.99, low=0.0, high=1.0),
+      eps=number_field(cfg, 'eps', where, 1e-3, low=0.0, low_open=True))
 
 
 # -- One client optimizer state shared by the clients (FedPhD's carry). -------
@@ -144,34 +198,43 @@ def state_decays(cfg: ml_collections.ConfigDict, state) -> Any:
   return jax.tree.map(node, state, is_leaf=lambda x: isinstance(x, nodes))
 
 
-def compose_sequential(start, finals, positions, mask, steps: int, decays):
+def compose_sequential(start, finals, positions, mask, steps, decays):
   """The state one optimizer would hold after the round's clients in order.
 
   FedPhD's code (arXiv 2507.06449) trains the round's clients one after
   another with ONE optimizer, each client continuing from the state the
   previous one left. Here the clients train in parallel, each from the
-  round's shared state x₀; client k (position p_k among the K real
-  clients, S local steps) ends with x_k. For a leaf whose step is linear,
-  x ← βx + f(g), the state a sequential pass over the same gradients in the
-  order p would leave is
+  round's shared state x₀; client k (position p_k in the order, S_k local
+  steps) ends with x_k. For a leaf whose step is linear, x ← βx + f(g), the
+  state a sequential pass over the same gradients in the order p would
+  leave is
 
-      x = β^{K·S}·x₀ + Σ_k β^{(K−1−p_k)·S}·(x_k − β^S·x₀),
+      x = β^{Σ_j S_j}·x₀ + Σ_k β^{A_k}·(x_k − β^{S_k}·x₀),
+      A_k = Σ_{j: p_j > p_k} S_j,
 
-  exactly (each client's own contribution x_k − β^S·x₀, decayed by the
-  steps of the clients after it); for counters (β = 1) x₀ + Σ_k (x_k − x₀),
-  i.e. K·S steps more.
+  exactly (each client's own contribution x_k − β^{S_k}·x₀, decayed by the
+  steps of the clients after it; with S_k = S, A_k = (K−1−p_k)·S); for
+  counters (β = 1) x₀ + Σ_k (x_k − x₀), i.e. Σ_k S_k steps more. Positions
+  need not be contiguous: a client left out by `mask` (a dropped one,
+  `strategies.faults`) is as if it had not been in the order.
 
   Args:
     start: x₀, the shared state of the round.
     finals: the clients' final states, stacked on a leading slot axis.
     positions: int [slots], each slot's position p_k in the order.
-    mask: [slots], 1 for real clients, 0 for padding slots.
-    steps: S, the local steps of every client.
+    mask: [slots], 1 for the clients that count, 0 for padding slots and
+      dropped clients.
+    steps: S, the local steps of every client (an int), or per slot S_k
+      (an int array [slots]: stragglers).
     decays: per leaf of `start`, β (`state_decays`).
   """
   real = (jnp.asarray(mask) > 0)
-  k_total = jnp.sum(real.astype(jnp.int32))
-  after = (k_total - 1 - positions).astype(jnp.float32) * steps
+  positions = jnp.asarray(positions)
+  per_slot = jnp.where(real, jnp.broadcast_to(
+      jnp.asarray(steps, jnp.float32), real.shape), 0.0)
+  later = positions[None, :] > positions[:, None]
+  after = jnp.sum(jnp.where(later, per_slot[None, :], 0.0), axis=1)
+  total_steps = jnp.sum(per_slot)
 
   def leaf(x0, xs, beta):
     weights = jnp.where(real, jnp.power(jnp.float32(beta), after), 0.0)
@@ -182,9 +245,14 @@ def compose_sequential(start, finals, positions, mask, steps: int, decays):
       own = jnp.where(real.reshape((-1,) + (1,) * x0.ndim), xs - x0[None], 0)
       return x0 + jnp.sum(own, axis=0).astype(x0.dtype)
     x0f = x0.astype(jnp.float32)
-    own = xs.astype(jnp.float32) - jnp.float32(beta) ** steps * x0f[None]
+    own_decay = jnp.power(jnp.float32(beta), per_slot)
+    own = (xs.astype(jnp.float32) -
+           own_decay.reshape((-1,) + (1,) * x0.ndim) * x0f[None])
+    # Zero the left-out slots before the sum (a dropped client's state may
+    # be non-finite, and 0·NaN is NaN).
+    own = jnp.where(real.reshape((-1,) + (1,) * x0.ndim), own, 0.0)
     total = jnp.tensordot(weights, own, axes=1)
-    kept = jnp.power(jnp.float32(beta), k_total.astype(jnp.float32) * steps)
+    kept = jnp.power(jnp.float32(beta), total_steps)
     return (kept * x0f + total).astype(x0.dtype)
 
   return jax.tree.map(leaf, start, finals, decays)

@@ -167,9 +167,11 @@ def audit(workdir: str, *, step=None, num_members=None, num_nonmembers=None,
         image_shape=tuple(test.images.shape[1:]),
         num_classes=config.model.get('num_classes'), workdir=workdir,
         seed=int(config.seed) + seed, write_images=lambda *a: None)
-    draw = _generative.Generator(ml_collections.ConfigDict(dict(
-        num_samples=num_samples, num_steps=sample_steps, eta=0.0,
-        batch_size=min(250, num_samples))), ctx)
+    draw = _generative.Generator(evaluators_base.parse(
+        ml_collections.ConfigDict(dict(
+            num_samples=num_samples, num_steps=sample_steps, eta=0.0,
+            batch_size=min(250, num_samples))),
+        _generative.FIELDS, 'audit'), ctx)
     samples = draw(state, state.round)
     memo = membership.memorization(
         samples, to_float(train.images[member_pool]),

@@ -25,9 +25,12 @@ batch_size / seconds per round`, of
 * `--peer=torch`: the PyTorch + diffusers sequential client loop of the
   papers' public code (launch/torch_peer.py), same widths, data, optimizer.
 
-For each it reports compile seconds and the compilations of the jitted
-function over the timed rounds (1 means no recompilation), the median
-seconds per round of `--repeats` rounds after `--rounds_warmup` untimed ones,
+Every contender is compiled and runs its `--rounds_warmup` untimed rounds
+first; then their `--repeats` timed rounds are interleaved (round r of each,
+then round r + 1 of each), so that the load of a shared machine drifting
+over minutes falls on all of them alike. For each it reports compile seconds
+and the compilations of the jitted function over the timed rounds (1 means
+no recompilation), the median seconds per timed round,
 achieved TFLOP/s (training ≈ 3 forward passes × 2 FLOPs per MAC of
 `models.macs`) and MFU against the device's peak (`peak_flops`: a table of
 GPU/TPU datasheet figures, on CPU a measured matmul peak), the XLA
@@ -48,7 +51,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 # Make `configs` and `fedjax_diff` (and launch/torch_peer.py) importable when
 # run from a checkout.
@@ -300,25 +303,54 @@ def _xla_peak_bytes(compiled) -> Optional[int]:
              analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def _timed_rounds(name: str, run_round, num_rounds: int,
-                  warmup: int) -> tuple[list[float], float]:
-  """Runs `run_round(r) -> (outputs, loss)` for r < num_rounds.
+@dataclasses.dataclass
+class Contender:
+  """One thing timed: a jitted mode, the loop, the centralized limit or the
+  peer, compiled and warmed up. `run_round(r) -> (outputs, loss)` runs its
+  round r on its own state; `result` holds what was measured while
+  preparing it; `compilations()` counts its jitted function's compilations
+  (None for the peer)."""
+  name: str
+  run_round: Callable[[int], tuple[Any, Any]]
+  result: dict[str, Any]
+  compilations: Callable[[], Optional[int]] = lambda: None
 
-  Returns the seconds of the rounds after `warmup` and the first round's loss.
-  """
-  seconds, first_loss = [], None
-  for r in range(num_rounds):
+
+def _warm_up(name: str, run_round, warmup: int) -> Optional[float]:
+  """Runs the untimed rounds 0..warmup-1; returns round 0's loss."""
+  first_loss = None
+  for r in range(warmup):
     t = time.perf_counter()
     outputs, loss = run_round(r)
     jax.block_until_ready(outputs)
-    dt = time.perf_counter() - t
     if r == 0:
       first_loss = float(loss)
-    tag = 'warm-up' if r < warmup else 'timed'
-    log(f'{name}: round {r + 1}/{num_rounds} ({tag}) {dt:.3f}s')
-    if r >= warmup:
-      seconds.append(dt)
-  return seconds, first_loss
+    log(f'{name}: round {r + 1} (warm-up) {time.perf_counter() - t:.3f}s')
+  return first_loss
+
+
+def time_interleaved(contenders: Sequence[Contender], warmup: int,
+                     repeats: int) -> None:
+  """Times rounds warmup..warmup+repeats-1 of every contender, interleaved:
+  round r of each, then round r + 1 of each, ... so that a change in the
+  machine's load during the run falls on all of them alike (a shared
+  machine's load drifts over minutes; ratios of phases timed one after the
+  other would carry that drift). Fills each result's `seconds`,
+  `compilations` and, without warm-up, `first_round_loss`."""
+  for c in contenders:
+    c.result['seconds'] = []
+  for r in range(warmup, warmup + repeats):
+    for c in contenders:
+      t = time.perf_counter()
+      outputs, loss = c.run_round(r)
+      jax.block_until_ready(outputs)
+      dt = time.perf_counter() - t
+      if r == 0:
+        c.result['first_round_loss'] = float(loss)
+      log(f'{c.name}: round {r + 1} (timed) {dt:.3f}s')
+      c.result['seconds'].append(dt)
+  for c in contenders:
+    c.result['compilations'] = c.compilations()
 
 
 def per_client_memory(setup: Setup, algorithm, state,
@@ -346,10 +378,10 @@ def per_client_memory(setup: Setup, algorithm, state,
   return {'bytes_per_client': per_client, 'max_clients_per_device': fit}
 
 
-def bench_jitted(setup: Setup, mode: str, chunk_size: Optional[int],
-                 warmup: int, repeats: int, dtype: Optional[str] = None,
-                 memory: bool = False) -> dict[str, Any]:
-  """Times the algorithm's jitted round in one mode and dtype."""
+def prepare_jitted(setup: Setup, mode: str, chunk_size: Optional[int],
+                   warmup: int, dtype: Optional[str] = None,
+                   memory: bool = False) -> Contender:
+  """The algorithm's jitted round in one mode and dtype."""
   name = mode if chunk_size is None else f'{mode}[{chunk_size}]'
   dtype = dtype or setup.config.model.get('dtype', 'float32')
   name += f' {dtype}'
@@ -378,17 +410,17 @@ def bench_jitted(setup: Setup, mode: str, chunk_size: Optional[int],
     state, metrics = round_fn(state, data, *slots[r])
     return (state, metrics), metrics['loss']
 
-  seconds, first_loss = _timed_rounds(name, run_round, warmup + repeats,
-                                      warmup)
-  return dict(mode=mode, chunk_size=chunk_size, dtype=dtype,
-              devices=mesh.size, compile_s=compile_s,
-              compilations=round_fn._cache_size(),  # pylint: disable=protected-access
-              seconds=seconds, first_round_loss=first_loss,
-              xla_peak_bytes=peak, **mem, **probe.result())
+  first_loss = _warm_up(name, run_round, warmup)
+  return Contender(
+      name, run_round,
+      dict(mode=mode, chunk_size=chunk_size, dtype=dtype, devices=mesh.size,
+           compile_s=compile_s, first_round_loss=first_loss,
+           xla_peak_bytes=peak, **mem, **probe.result()),
+      round_fn._cache_size)  # pylint: disable=protected-access
 
 
-def bench_loop(setup: Setup, warmup: int, repeats: int) -> dict[str, Any]:
-  """Times a Python loop over clients on one device (the baseline)."""
+def prepare_loop(setup: Setup, warmup: int) -> Contender:
+  """A Python loop over clients on one device (the baseline)."""
   device = setup.devices[0]
   probe = MemoryProbe(device)
 
@@ -461,18 +493,17 @@ def bench_loop(setup: Setup, warmup: int, repeats: int) -> dict[str, Any]:
     loss = jnp.dot(jnp.stack(losses), jnp.asarray(w / w.sum(), jnp.float32))
     return (state, loss), loss
 
-  seconds, first_loss = _timed_rounds('loop', run_round, warmup + repeats,
-                                      warmup)
-  return dict(mode='loop', chunk_size=None, devices=1, compile_s=compile_s,
-              compilations=client_update._cache_size(),  # pylint: disable=protected-access
-              seconds=seconds, first_round_loss=first_loss,
-              xla_peak_bytes=_xla_peak_bytes(compiled_update),
-              **probe.result())
+  first_loss = _warm_up('loop', run_round, warmup)
+  return Contender(
+      'loop', run_round,
+      dict(mode='loop', chunk_size=None, devices=1, compile_s=compile_s,
+           first_round_loss=first_loss,
+           xla_peak_bytes=_xla_peak_bytes(compiled_update), **probe.result()),
+      client_update._cache_size)  # pylint: disable=protected-access
 
 
-def bench_central(setup: Setup, warmup: int,
-                  repeats: int) -> dict[str, Any]:
-  """Times the centralized limit: one model, `local_steps` steps of batch
+def prepare_central(setup: Setup, warmup: int) -> Contender:
+  """The centralized limit: one model, `local_steps` steps of batch
   clients_per_round × batch_size drawn from all the clients' data (a round's
   examples), with the client optimizer, on one device."""
   device = setup.devices[0]
@@ -507,23 +538,35 @@ def bench_central(setup: Setup, warmup: int,
     params, loss = fn(params, jax.random.fold_in(key, r), jnp.int32(r))
     return params, loss
 
-  seconds, first_loss = _timed_rounds('central', run_round, warmup + repeats,
-                                      warmup)
-  return dict(mode='central', chunk_size=None, devices=1,
-              compile_s=compile_s, compilations=fn._cache_size(),  # pylint: disable=protected-access
-              seconds=seconds, first_round_loss=first_loss,
-              xla_peak_bytes=_xla_peak_bytes(compiled), **probe.result())
+  first_loss = _warm_up('central', run_round, warmup)
+  return Contender(
+      'central', run_round,
+      dict(mode='central', chunk_size=None, devices=1, compile_s=compile_s,
+           first_round_loss=first_loss,
+           xla_peak_bytes=_xla_peak_bytes(compiled), **probe.result()),
+      fn._cache_size)  # pylint: disable=protected-access
 
 
-def bench_torch(setup: Setup, warmup: int, repeats: int) -> Optional[dict]:
+def prepare_torch(setup: Setup, warmup: int) -> Contender:
   """The PyTorch peer (launch/torch_peer.py) on the same data and rounds."""
+  import torch  # pylint: disable=g-import-not-at-top
   import torch_peer  # pylint: disable=g-import-not-at-top
   data = jax.device_get(setup.run.data)
-  return torch_peer.bench(
+  loop = torch_peer.TorchLoop(
       setup.config, data, setup.run.image_shape,
-      np.asarray(setup.run.schedule.alphas_cumprod),
-      setup.round_ids[:warmup + repeats], seed=setup.seed, warmup=warmup,
-      log=log)
+      np.asarray(setup.run.schedule.alphas_cumprod), setup.seed)
+
+  def run_round(r):
+    loss = loop.round(setup.round_ids[r])
+    return None, loss
+
+  first_loss = _warm_up('torch', run_round, warmup)
+  return Contender(
+      'torch', run_round,
+      dict(mode='torch', chunk_size=None, devices=1, compile_s=0.0,
+           first_round_loss=first_loss, xla_peak_bytes=None,
+           torch_params=loop.num_params, torch_threads=torch.get_num_threads(),
+           torch_version=torch.__version__))
 
 
 def run_benchmark(config: ml_collections.ConfigDict, *,
@@ -584,12 +627,12 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
     header['peak_flops'][d] = {'flops': value, 'source': source}
   log(header_line(header))
 
-  results, skipped = [], []
+  contenders, skipped = [], []
   for mode in modes:
     if mode == 'loop':
-      results.append(bench_loop(setup, rounds_warmup, repeats))
+      contenders.append(prepare_loop(setup, rounds_warmup))
     elif mode == 'central':
-      results.append(bench_central(setup, rounds_warmup, repeats))
+      contenders.append(prepare_central(setup, rounds_warmup))
     elif mode == 'chunked':
       for c in chunk_sizes:
         c = int(c)
@@ -600,12 +643,12 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
           skipped.append(msg)
           continue
         for d in dtypes:
-          results.append(bench_jitted(setup, mode, c, rounds_warmup, repeats,
-                                      d, memory))
+          contenders.append(prepare_jitted(setup, mode, c, rounds_warmup, d,
+                                           memory))
     else:
       for d in dtypes:
-        results.append(bench_jitted(setup, mode, None, rounds_warmup,
-                                    repeats, d, memory))
+        contenders.append(prepare_jitted(setup, mode, None, rounds_warmup, d,
+                                         memory))
   if peer == 'torch':
     import torch_peer  # pylint: disable=g-import-not-at-top
     why = torch_peer.available()
@@ -614,7 +657,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
       log(msg)
       skipped.append(msg)
     else:
-      results.append(bench_torch(setup, rounds_warmup, repeats))
+      contenders.append(prepare_torch(setup, rounds_warmup))
+  time_interleaved(contenders, rounds_warmup, repeats)
+  results = [c.result for c in contenders]
 
   baseline = {m: next((statistics.median(r['seconds']) for r in results
                        if r['mode'] == m), None)

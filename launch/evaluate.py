@@ -56,19 +56,22 @@ def evaluate_workdir(workdir: str, evaluators_cfg=None, step=None,
   from fedjax_diff import models  # pylint: disable=g-import-not-at-top
   from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
   from fedjax_diff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from fedjax_diff.diffusion import make_schedule  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import latent as latent_lib  # pylint: disable=g-import-not-at-top
   from fedjax_diff.strategies import pruning_schedule  # pylint: disable=g-import-not-at-top
 
   config, state = workdir_lib.load_run(workdir, step)
 
-  _, test = trainer.load_data(config.data)
+  train, test = trainer.load_data(config.data)
+  # Latent diffusion: the run's first stage and latent scale (recomputed
+  # from the train split as the run did, unless its config fixes it).
+  space, _ = latent_lib.from_config(config, train.images)
   # The UNet the run trained: the compact one of a pruned (FedPhD) run.
   model = pruning_schedule.model_for_run(config, workdir)
   ctx = evaluators_lib.EvalContext(
       eps_fn=models.make_eps_fn(model),
-      schedule=make_schedule(config.diffusion.schedule,
-                             int(config.diffusion.num_timesteps)),
-      test_data=test, image_shape=tuple(test.images.shape[1:]),
+      schedule=experiment.schedule_of(config),
+      test_data=test, image_shape=tuple(test.images.shape[1:]), latent=space,
       num_classes=config.model.get('num_classes'), workdir=workdir,
       seed=int(config.seed),
       write_images=write_images or (lambda *a: None),

@@ -16,7 +16,6 @@ they import.
 """
 
 import copy
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -134,26 +133,3 @@ class TorchLoop:
     mean = {name: v / sum(weights) for name, v in total.items()}
     self.model.load_state_dict(mean)
     return float(np.average(losses, weights=weights))
-
-
-def bench(config, data, image_shape, alphas_cumprod, round_ids, *,
-          seed: int, warmup: int, log) -> dict[str, Any]:
-  """Times `len(round_ids)` rounds of `TorchLoop`; the first `warmup` are
-  not timed. Returns seconds per timed round and the first round's loss."""
-  import torch  # pylint: disable=g-import-not-at-top
-  loop = TorchLoop(config, data, image_shape, alphas_cumprod, seed)
-  seconds, first_loss = [], None
-  for r, ids in enumerate(round_ids):
-    t = time.perf_counter()
-    loss = loop.round(ids)
-    dt = time.perf_counter() - t
-    first_loss = loss if r == 0 else first_loss
-    tag = 'warm-up' if r < warmup else 'timed'
-    log(f'torch: round {r + 1}/{len(round_ids)} ({tag}) {dt:.3f}s')
-    if r >= warmup:
-      seconds.append(dt)
-  return dict(mode='torch', chunk_size=None, devices=1, compile_s=0.0,
-              compilations=None, seconds=seconds, first_round_loss=first_loss,
-              xla_peak_bytes=None, torch_params=loop.num_params,
-              torch_threads=torch.get_num_threads(),
-              torch_version=torch.__version__)

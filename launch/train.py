@@ -16,6 +16,11 @@ command, each with its id; jax.distributed.initialize joins them:
 
 Only process 0 prints and writes metrics, samples and summaries; all write
 their shards of the checkpoints (Orbax).
+
+Exit codes: 0 done; 2 the command line or config cannot be run (one
+message says what, where and how to fix it; nothing was written to DIR); 3
+training diverged (the message names the last finite checkpoint in DIR).
+Any other error is a bug and prints its traceback.
 """
 
 import os
@@ -52,9 +57,63 @@ _DISTRIBUTED = flags.DEFINE_enum(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+USAGE_EXIT = 2
+
+
+def fail(message: str, code: int = USAGE_EXIT) -> None:
+  """Prints `message` as one error, without a traceback, and exits."""
+  print(f'train.py: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _without_traceback(text: str) -> str:
+  """The message of an error whose text embeds a traceback (config_flags
+  puts the config file's own error in its message): its last line."""
+  if 'Traceback (most recent call last)' not in text:
+    return text
+  head = text.split('\n', 1)[0].rstrip(': ')
+  last = [line for line in text.splitlines() if line.strip()][-1]
+  return f'{head}: {last.strip()}'
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every problem of the command line (a bad or
+  missing flag, a config file that does not load, an override of a field
+  that does not exist) reported as a user error: one message, exit 2."""
+  usage = ('\nUsage: python launch/train.py --config=configs/NAME.py '
+           '--workdir=DIR [--config.field=value ...] (--helpshort for the '
+           'flags).')
+  try:
+    args = flags.FLAGS(argv)
+    # config_flags defers a config file's loading error to the first read.
+    config = _CONFIG.value
+    if config is not None:
+      config.get('seed')
+  except flags.Error as e:
+    fail(_without_traceback(str(e)) + usage)
+  except (KeyError, AttributeError) as e:
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    text = str(e.args[0] if e.args else e)
+    key, _, hint = text.partition('\n')
+    key = key.strip('"\'')
+    named = [a.split('=', 1)[0] for a in argv[1:]
+             if a.startswith('--config.') and key in a.split('=', 1)[0]]
+    fail(f'{named[0] if named else "an override"} names no field of the '
+         f'config ({key!r} does not exist).{" " + hint if hint else ""} '
+         'Overrides are --config.<field>=<value> for a field of the config '
+         'file (configs/mnist_fedavg.py documents every field).' + usage)
+  except OSError as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(f'--config: {lines[-1] if lines else e}; name a config file, e.g. '
+         '--config=configs/mnist_fedavg.py.' + usage)
+  return args
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    fail(f'unexpected arguments {argv[1:]}; every option is a flag, e.g. '
+         '--config.num_rounds=5.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   # Orbax and clu log every save and metric at INFO; fedjax_diff prints its
   # own progress lines. Pass --verbosity=0 to see them all.
@@ -79,9 +138,15 @@ def main(argv):
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(_JAX_CACHE.value))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  from fedjax_diff import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import errors
+  from fedjax_diff import trainer
+  # pylint: enable=g-import-not-at-top
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    fail(str(e), e.exit_code)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

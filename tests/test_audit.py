@@ -92,7 +92,9 @@ def test_audit_prints_the_table_and_writes_json(dp_run, capsys):
     assert a['members'] == a['nonmembers'] == 24
   assert saved['memorization']['num_samples'] == 8
   assert saved['table'] == out['table']
-  # The script's entry point: `python launch/audit.py WORKDIR`.
+  # The script's entry point: `python launch/audit.py WORKDIR`. Tests of this
+  # process may have loaded other scripts since: make audit's flags current.
+  launch_scripts.load('audit')
   flags.FLAGS(['audit.py', dp_run, '--num_members=8', '--num_nonmembers=8',
                '--num_samples=0', '--bootstrap=20'])
   audit.main(['audit.py', dp_run])

@@ -127,3 +127,23 @@ def test_device_check_script_on_cpu(tmp_path):
                         ('central', 'float32')])
   memory = json.loads((tmp_path / 'memory.json').read_text())
   assert memory['results'][0]['bytes_per_client'] > 0
+
+
+def test_timed_rounds_are_interleaved_across_contenders():
+  """Round r of every contender runs before round r + 1 of any, each on its
+  own sequence of rounds, and every timed round is recorded."""
+  bench = launch_scripts.load('bench')
+  calls = []
+
+  def contender(name):
+    def run_round(r):
+      calls.append((name, r))
+      return None, 1.0
+    return bench.Contender(name, run_round, {}, lambda: 1)
+
+  contenders = [contender('a'), contender('b'), contender('c')]
+  bench.time_interleaved(contenders, warmup=2, repeats=3)
+  assert calls == [(n, r) for r in (2, 3, 4) for n in ('a', 'b', 'c')]
+  for c in contenders:
+    assert len(c.result['seconds']) == 3
+    assert c.result['compilations'] == 1

@@ -135,8 +135,10 @@ def batch_indices(order_key, count: int, max_n: int, step: int,
 def train_client(start, images, labels, count, key, round_idx, *,
                  loss=loss_fn, optimizer=None, local_steps=LOCAL_STEPS,
                  batch_size=BATCH, opt_state=None, extra_args=None,
-                 step_offset=None, grads_log=None):
-  """One client's local training as a plain loop over steps.
+                 step_offset=None, grads_log=None, num_steps=None):
+  """One client's local training as a plain loop over steps: all
+  `local_steps`, or the first `num_steps` of them (a straggler; the
+  optimizer's global step still counts `local_steps` a round).
 
   Step s calls the optimizer with global_step = step_offset + s (default
   offset: round_idx·local_steps); `grads_log`, a list, receives each step's
@@ -149,10 +151,12 @@ def train_client(start, images, labels, count, key, round_idx, *,
   opt_state = opt.init(start) if opt_state is None else opt_state
   offset = round_idx * local_steps if step_offset is None else step_offset
   losses = []
-  for s in range(local_steps):
+  for s in range(local_steps if num_steps is None else num_steps):
     _, loss_key = jax.random.split(jax.random.fold_in(train_key, s))
     idx = batch_indices(order_key, count, images.shape[0], s, batch_size)
-    x = jnp.asarray(images[idx], jnp.float32) / 127.5 - 1.0
+    x = jnp.asarray(images[idx], jnp.float32)
+    if images.dtype == np.uint8:   # pixels; float data (latents) are as is.
+      x = x / 127.5 - 1.0
     value, grads = grad_fn(params, x, jnp.asarray(labels[idx]), loss_key)
     if grads_log is not None:
       grads_log.append(grads)
@@ -205,7 +209,8 @@ def server_step(state, pseudo_grad64, ema_decay=EMA, server_opt=SERVER_OPT):
 
 def fedavg_round(state, data, client_ids, *, optimizer=None,
                  upload_fn=None, opt_states=None, server_opt=SERVER_OPT,
-                 local_steps=LOCAL_STEPS):
+                 local_steps=LOCAL_STEPS, dropped=(), steps=None,
+                 weight_by_steps=False):
   """A FedAvg round as a plain Python loop over clients.
 
   Args:
@@ -217,32 +222,81 @@ def fedavg_round(state, data, client_ids, *, optimizer=None,
     opt_states: dict client id → optimizer state, updated in place, when
       clients keep theirs across rounds (a missing id starts from `init`).
     server_opt, local_steps: as in the round.
+    dropped: clients left out of the round (fault isolation or injected
+      dropout): as if not sampled, their optimizer states untouched. When
+      every client is dropped the state changes only its round counter.
+    steps: dict client id → local steps it runs (stragglers); others run
+      `local_steps`.
+    weight_by_steps: weigh client k by n_k·s_k/local_steps, not n_k.
 
   Returns:
-    (state, example-weighted mean loss).
+    (state, example-weighted mean loss; NaN when every client is dropped).
   """
   r = int(state.round)
+  steps = steps or {}
   deltas, weights, losses = [], [], []
   for cid in client_ids:
     cid = int(cid)
+    if cid in dropped:
+      continue
     key = client_key(state.rng, r, cid)
     count = int(data.counts[cid])
     params, loss, opt_state = train_client(
         state.params, data.images[cid], data.labels[cid], count, key, r,
         optimizer=optimizer, local_steps=local_steps,
-        opt_state=None if opt_states is None else opt_states.get(cid))
+        opt_state=None if opt_states is None else opt_states.get(cid),
+        num_steps=steps.get(cid))
     if opt_states is not None:
       opt_states[cid] = opt_state
     delta = jax.tree.map(jnp.subtract, params, state.params)
     if upload_fn is not None:
       delta = upload_fn(cid, delta, upload_key(key), params)
     deltas.append(jax.tree.map(lambda d: np.asarray(d, np.float64), delta))
-    weights.append(count)
+    weights.append(count * (steps.get(cid, local_steps) / local_steps
+                            if weight_by_steps else 1))
     losses.append(loss)
+  if not deltas:
+    return state.replace(round=state.round + 1), float('nan')
   mean = weighted_mean64(deltas, weights)
   new = server_step(state, jax.tree.map(np.negative, mean),
                     server_opt=server_opt)
   return new, float(np.average(losses, weights=weights))
+
+
+# The documented tag of the fault-injection stream (strategies/faults.py).
+FAULT_KEY_TAG = 0x666C7421
+FAULT_KINDS = ('dropout', 'nan', 'inf', 'straggler')
+
+
+def fault_plan(rng, round_idx: int, client_ids, fractions: dict,
+               local_steps: int = LOCAL_STEPS, min_steps: int = 1):
+  """The injected faults of a round, from the documented scheme: client k
+  scores uniform(fold_in(fold_in(fold_in(rng, TAG), r), k)); in increasing
+  (score, id) order the first round(f_dropout·K) drop out, the next
+  round((f_dropout + f_nan)·K) − round(f_dropout·K) upload NaN, then Inf,
+  then stragglers, which run randint(fold_in(key_k, 1), min_steps, S) steps.
+
+  Returns:
+    dict client id → (kind name or None, local steps).
+  """
+  key = jax.random.fold_in(jax.random.fold_in(rng, FAULT_KEY_TAG), round_idx)
+  keys = {int(c): jax.random.fold_in(key, int(c)) for c in client_ids}
+  scores = {c: float(jax.random.uniform(k)) for c, k in keys.items()}
+  order = sorted(keys, key=lambda c: (scores[c], c))
+  plan = {c: (None, local_steps) for c in order}
+  below, cum = 0, 0.0
+  for name in FAULT_KINDS:
+    cum += fractions.get(name, 0.0)
+    upto = int(np.floor(np.float32(cum) * np.float32(len(order)) +
+                        np.float32(0.5)))
+    for c in order[below:upto]:
+      steps = local_steps
+      if name == 'straggler':
+        steps = int(jax.random.randint(jax.random.fold_in(keys[c], 1), (),
+                                       min_steps, local_steps))
+      plan[c] = (name, steps)
+    below = upto
+  return plan
 
 
 def aggregator_key(rng, round_idx: int):

@@ -6,8 +6,14 @@ A federated algorithm, in the spirit of fedjax's `init`/`apply` pairs, is
   `ServerState.algorithm`, checkpointed with the rest; `{}` for FedAvg);
 * `client_rows(params) -> rows`: what ONE client keeps across rounds (a
   dict of pytrees, stacked into `ServerState.client_states`);
-* `make_round() -> round_fn(state, data, client_ids, client_mask) ->
-  (state, metrics)`: one jitted round on top of `fedjax_diff.engine`;
+* `round_step() -> round_fn(state, data, client_ids, client_mask) ->
+  (state, metrics)`: one round on top of `fedjax_diff.engine`, which
+  `make_round` jits with fault isolation's rule that a round in which no
+  client is kept changes nothing but the round counter
+  (`strategies.faults`);
+* `check_config(config)` (a classmethod): raises a ValueError for a config
+  it cannot run, before anything is built (`fedjax_diff.validation`); it
+  calls the same parsers the constructor does;
 
 and optional hooks, each with a neutral default here:
 
@@ -49,6 +55,12 @@ trajectory starts from x_r instead of from the state the clients before it
 left (its Adam moments miss their gradients, its bias correction counts
 p_k·S steps fewer). With one client per round the two are the same.
 
+A client left out of the round (`strategies.faults`: a non-finite upload,
+an injected dropout) is left out of x_{r+1} too, as if not sampled; a
+straggler's part counts the steps it ran. Its position still counts in the
+others' schedule steps p_k·S: that it failed is known only after the
+round's clients trained.
+
 Client-level DP (`config.dp`, `strategies.privacy`) is the base class's:
 it builds the run's aggregator once (`self.aggregator`: the example-weighted
 mean, or DP-FedAvg's noised sum of clipped updates), samples the clients
@@ -67,6 +79,7 @@ that defines `Algorithm`, named by `config.algorithm.name`.
 import abc
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -83,6 +96,7 @@ from fedjax_diff import federation
 from fedjax_diff import optimizers
 from fedjax_diff import state as state_lib
 from fedjax_diff.strategies import aggregator as aggregator_lib
+from fedjax_diff.strategies import faults as faults_lib
 from fedjax_diff.strategies import privacy as privacy_lib
 from fedjax_diff.strategies.aggregator import Aggregator
 from fedjax_diff.strategies.upload import UploadTransform
@@ -102,7 +116,8 @@ class Run:
       (`federation.shard_client_data`; rows past `num_clients` are padding).
     num_clients: the federation's real clients.
     num_classes: classes of the dataset's labels.
-    image_shape: (H, W, C).
+    image_shape: (H, W, C) of what the model trains on and samples: the
+      images, or the latents of a latent diffusion run.
     eps_fn: the model's noise predictor `(params, x_t, t, labels, *, train,
       rng)`.
     schedule: the diffusion noise schedule.
@@ -115,6 +130,8 @@ class Run:
     model: the (possibly pruned) model module, for tools that count its
       FLOPs or rebuild it; None where an algorithm is built without one.
     log: where progress lines go (process 0 prints).
+    latent: the first stage (`fedjax_diff.latent.LatentSpace`) when `data`
+      holds latents (latent diffusion), else None. Never trained or sent.
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -132,6 +149,124 @@ class Run:
   param_shapes: PyTree
   model: Any = None
   log: Callable[[str], None] = print
+  latent: Any = None
+
+
+def _int(cfg, name: str, where: str, low: int, default=None) -> int:
+  value = cfg.get(name, default)
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f'{where}.{name} must be an int >= {low}, got '
+                     f'{value!r}.')
+  return value
+
+
+def _bool(cfg, name: str, where: str, default: bool) -> bool:
+  value = cfg.get(name, default)
+  if not isinstance(value, bool):
+    raise ValueError(f'{where}.{name} must be True or False, got {value!r}.')
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The round settings every algorithm reads, parsed and checked.
+
+  Attributes:
+    num_rounds: rounds of the run (>= 1).
+    seed: the run's seed (>= 0).
+    ema_decay: d of the EMA of θ, in [0, 1).
+    num_clients: clients of the federation (>= 1).
+    clients_per_round: K in [1, num_clients].
+    local_steps: S >= 1.
+    batch_size: B >= 1.
+    mode: the engine's execution mode ('auto', 'vmap', 'map', 'chunked').
+    chunk_size: clients per chunk ('chunked'); None otherwise.
+    keep_optimizer_state: clients keep their optimizer state across rounds.
+    shared_optimizer_state: the round's clients share one optimizer state.
+    random_flip: random horizontal flips of local batches.
+    faults: the faults to inject (`strategies.faults`), or None.
+  """
+  num_rounds: int
+  seed: int
+  ema_decay: float
+  num_clients: int
+  clients_per_round: int
+  local_steps: int
+  batch_size: int
+  mode: str
+  chunk_size: Optional[int]
+  keep_optimizer_state: bool
+  shared_optimizer_state: bool
+  random_flip: bool
+  faults: Optional[faults_lib.FaultConfig]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  num_devices: Optional[int] = None) -> 'Settings':
+    """Parses `config`; with `num_devices`, also checks that a 'chunked'
+    chunk_size divides the client slots per device.
+
+    Raises:
+      ValueError: a field is missing, of the wrong type or out of range;
+        the message names it and what is allowed.
+    """
+    fed = config.get('federation')
+    if fed is None:
+      raise ValueError('config.federation is missing (num_clients, '
+                       'clients_per_round, local_steps, batch_size, mode; '
+                       'see configs/mnist_fedavg.py).')
+    num_rounds = _int(config, 'num_rounds', 'config', 1)
+    seed = _int(config, 'seed', 'config', 0, 0)
+    decay = config.get('ema_decay', 0.0)
+    if (isinstance(decay, bool) or not isinstance(decay, (int, float)) or
+        not 0.0 <= decay < 1.0):
+      raise ValueError(f'config.ema_decay must be in [0, 1) (DDPM: 0.9999; '
+                       f'0 keeps no average), got {decay!r}.')
+    where = 'config.federation'
+    num_clients = _int(fed, 'num_clients', where, 1)
+    per_round = fed.get('clients_per_round')
+    if (isinstance(per_round, bool) or not isinstance(per_round, int) or
+        not 1 <= per_round <= num_clients):
+      raise ValueError(
+          f'config.federation.clients_per_round={per_round!r} must be an int '
+          f'in [1, num_clients={num_clients}]: a round samples that many '
+          'distinct clients.')
+    local_steps = _int(fed, 'local_steps', where, 1)
+    batch_size = _int(fed, 'batch_size', where, 1)
+    mode = fed.get('mode', 'auto')
+    if mode not in engine.MODES + ('auto',):
+      raise ValueError(f'Unknown execution mode {mode!r} in '
+                       'config.federation.mode; use one of '
+                       f"{engine.MODES + ('auto',)}.")
+    chunk_size = fed.get('chunk_size', 0) or 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+      raise ValueError('config.federation.chunk_size must be an int, got '
+                       f'{chunk_size!r}.')
+    if mode == 'chunked':
+      if chunk_size < 1:
+        raise ValueError("config.federation.mode='chunked' needs "
+                         f'chunk_size >= 1, got {chunk_size}.')
+      if num_devices:
+        # The trainer's slots (`federation.round_slots`): min(K, R) per
+        # device, R = ceil(num_clients / devices) client rows each.
+        per_device = min(per_round, math.ceil(num_clients / num_devices))
+        engine.chunk_size_for(mode, per_device, chunk_size)
+    keep = _bool(config.get('client_optimizer', {}), 'keep_state',
+                 'config.client_optimizer', False)
+    shared = _bool(config.get('client_optimizer', {}), 'shared_state',
+                   'config.client_optimizer', False)
+    if keep and shared:
+      raise ValueError(
+          'config.client_optimizer: keep_state (each client its own optimizer '
+          'state) and shared_state (one state shared by the clients) exclude '
+          'each other; set at most one.')
+    flip = _bool(config.get('data', {}), 'random_flip', 'config.data', False)
+    return cls(num_rounds=num_rounds, seed=seed, ema_decay=float(decay),
+               num_clients=num_clients, clients_per_round=per_round,
+               local_steps=local_steps, batch_size=batch_size, mode=mode,
+               chunk_size=chunk_size or None, keep_optimizer_state=keep,
+               shared_optimizer_state=shared, random_flip=flip,
+               faults=faults_lib.config_from(config))
 
 
 def round_clients(config: ml_collections.ConfigDict, num_clients: int,
@@ -183,52 +318,35 @@ class Algorithm(abc.ABC):
 
   def __init__(self, run: Run):
     self.run = run
-    config = run.config
-    fed = config.federation
-    self.local_steps = int(fed.local_steps)
-    self.batch_size = int(fed.batch_size)
-    self.clients_per_round = int(fed.clients_per_round)
-    self.num_rounds = int(config.num_rounds)
-    self.mode = engine.resolve_mode(fed.mode,
+    settings = Settings.from_config(run.config)
+    self.settings = settings
+    self.local_steps = settings.local_steps
+    self.batch_size = settings.batch_size
+    self.clients_per_round = settings.clients_per_round
+    self.num_rounds = settings.num_rounds
+    self.mode = engine.resolve_mode(settings.mode,
                                     run.mesh.devices.flat[0].platform)
-    self.chunk_size = fed.get('chunk_size') or None
-    self.ema_decay = float(config.ema_decay)
-    self.seed = int(config.seed)
+    self.chunk_size = settings.chunk_size
+    self.ema_decay = settings.ema_decay
+    self.seed = settings.seed
     # Clients that keep their optimizer state across rounds (DiLoCo-style,
     # arXiv 2311.08105); False: a fresh client optimizer every round, as in
     # FedAvg.
-    self.keep_optimizer_state = bool(
-        config.client_optimizer.get('keep_state', False))
+    self.keep_optimizer_state = settings.keep_optimizer_state
     # One optimizer state shared by the clients (FedPhD's code; see the
     # module docstring).
-    self.shared_optimizer_state = bool(
-        config.client_optimizer.get('shared_state', False))
-    if self.keep_optimizer_state and self.shared_optimizer_state:
-      raise ValueError(
-          'config.client_optimizer: keep_state (each client its own optimizer '
-          'state) and shared_state (one state shared by the clients) exclude '
-          'each other; set at most one.')
+    self.shared_optimizer_state = settings.shared_optimizer_state
+    # Injected client faults (strategies.faults); None: none.
+    self.faults = settings.faults
     self.client_optimizer = self.make_client_optimizer()
     self.train = client_lib.make_local_training(
         run.loss_fn, self.client_optimizer, self.local_steps, self.batch_size,
-        bool(config.data.get('random_flip', False)))
+        settings.random_flip)
     self.local_update = client_lib.make_client_update(self.train, run.upload)
     # Client-level DP (None without config.dp); σ is calibrated here.
     self.privacy = None
-    dp = privacy_lib.Settings.from_config(config)
+    dp = self._dp_settings(run.config, settings)
     if dp is not None:
-      if self.shared_optimizer_state:
-        raise ValueError(
-            'config.dp with config.client_optimizer.shared_state=True: the '
-            "shared optimizer state is built from every client's gradients "
-            'and released without noise, which DP does not cover. Set '
-            'shared_state=False (each client starts a fresh optimizer, or '
-            'keeps its own with keep_state=True).')
-      if self.dp_unsound:
-        raise ValueError(
-            f"config.dp is not supported with config.algorithm='{self.name}'"
-            f': {self.dp_unsound} Use fedavg or scaffold (with FedDM-prox or '
-            'FedDM-quant if wanted), or set config.dp.enabled=False.')
       self.privacy = privacy_lib.Mechanism(
           dp, num_clients=run.num_clients,
           clients_per_round=self.clients_per_round,
@@ -242,6 +360,35 @@ class Algorithm(abc.ABC):
     if self.privacy is not None:
       return self.privacy.aggregator()
     return aggregator_lib.weighted_mean()
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict,
+                   num_devices: Optional[int] = None) -> None:
+    """Raises a ValueError (what, where, how to fix) if this algorithm
+    cannot run `config`; parses what the constructor parses. An algorithm
+    with a block of its own extends it."""
+    cls._dp_settings(config, Settings.from_config(config, num_devices))
+
+  @classmethod
+  def _dp_settings(cls, config: ml_collections.ConfigDict,
+                   settings: Settings) -> Optional[privacy_lib.Settings]:
+    """`config.dp` parsed (None: off), refused where DP would not hold."""
+    dp = privacy_lib.Settings.from_config(config)
+    if dp is None:
+      return None
+    if settings.shared_optimizer_state:
+      raise ValueError(
+          'config.dp with config.client_optimizer.shared_state=True: the '
+          "shared optimizer state is built from every client's gradients "
+          'and released without noise, which DP does not cover. Set '
+          'shared_state=False (each client starts a fresh optimizer, or '
+          'keeps its own with keep_state=True).')
+    if cls.dp_unsound:
+      raise ValueError(
+          f"config.dp is not supported with config.algorithm='{cls.name}'"
+          f': {cls.dp_unsound} Use fedavg or scaffold (with FedDM-prox or '
+          'FedDM-quant if wanted), or set config.dp.enabled=False.')
+    return dp
 
   def make_client_optimizer(self) -> optax.GradientTransformationExtraArgs:
     """The chain the clients train with: the run's, by default. An
@@ -274,10 +421,25 @@ class Algorithm(abc.ABC):
                           if self.keep_optimizer_state else None))
 
   @abc.abstractmethod
+  def round_step(self) -> Callable:
+    """`round_fn(state, data, client_ids, client_mask) -> (state,
+    metrics)`, one round (traceable, not jitted), metrics holding at least
+    `engine.client_metrics`' keys."""
+
   def make_round(self, donate: bool = True) -> Callable:
-    """The jitted `round_fn(state, data, client_ids, client_mask) -> (state,
-    metrics)`, metrics holding at least `engine.client_metrics`' keys; with
-    `donate`, the input state's buffers are donated to the output."""
+    """The jitted round (`round_step`); a round in which no client was kept
+    (`metrics['client_weights']` all 0) leaves the state as it was but for
+    the round counter (`faults.skip_if_none_kept`). With `donate`, the
+    input state's buffers are donated to the output."""
+    step = self.round_step()
+
+    def round_fn(state, data, client_ids, client_mask):
+      new, metrics = step(state, data, client_ids, client_mask)
+      return (faults_lib.skip_if_none_kept(state, new,
+                                           metrics['client_weights']),
+              metrics)
+
+    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
 
   # -- Hooks. ----------------------------------------------------------------
 
@@ -319,6 +481,7 @@ class Algorithm(abc.ABC):
     with adaptive clipping, `dp_unclipped_fraction` (the noised b̄)."""
     out = dict(self.round_bytes(round_idx))
     out.update(client_figures(metrics))
+    out.update(faults_lib.round_counts(metrics))
     if self.run.upload is None:
       out.pop('upload_rel_error', None)
     if self.privacy is not None:
@@ -451,7 +614,10 @@ class Algorithm(abc.ABC):
                 contribution: Optional[Callable] = None,
                 extra_args: Optional[Callable] = None) -> engine.ClientFn:
     """The engine's function of one client: local training from
-    `start(shared, slot_input)`, then the upload path.
+    `start(shared, slot_input)`, then the upload path, with the run's
+    injected faults and fault isolation (`strategies.faults`): a client
+    whose contribution (its upload) or loss is not finite is kept out
+    (`keep = 0`), and its rows stay as they were.
 
     Under DP the engine's `shared` is `(shared, {'clip_norm': C_r})`
     (`client_round` adds the broadcast): C_r goes to the upload path, and
@@ -463,16 +629,19 @@ class Algorithm(abc.ABC):
         `shared` is `(whatever the round broadcasts, round index)`.
       contribution: `(update: client.ClientUpdate, shared, slot_input,
         rows) -> (contribution, rows)` for the aggregator; default: Δ̂_k.
+        `update.steps` is a straggler's step count (None: all).
       extra_args: `(shared, slot_input, rows) -> dict` of extra arguments
         for the client optimizer (e.g. SCAFFOLD's control variates).
     """
     shared_state = self.shared_optimizer_state
     steps, per_round = self.local_steps, self.clients_per_round
     privacy = self.privacy
+    faults = self.faults
 
     def client_fn(shared, slot, data_row, rows):
       shared, server = shared
-      key, slot_input = slot
+      # `client_round` adds each slot's injected fault.
+      key, (fault, slot_input) = slot
       opt_state = step_offset = None
       if shared_state:
         # `client_round` adds the shared state and the client's position.
@@ -485,19 +654,33 @@ class Algorithm(abc.ABC):
       local = client_lib.LocalData(data_row.images, data_row.labels,
                                    data_row.counts)
       extra = extra_args(shared, slot_input, rows) if extra_args else None
+      kind, run_steps = fault if faults is not None else (None, None)
       u = self.local_update(start(shared, slot_input), local, key, rows,
                             round_idx, extra, opt_state, step_offset,
-                            clip_norm=clip_norm)
+                            clip_norm=clip_norm, num_steps=run_steps)
+      keep = jnp.ones((), jnp.float32)
+      if faults is not None:
+        # What reaches the server: NaN/Inf uploads, nothing on dropout.
+        u = u._replace(update=faults_lib.corrupt(u.update, kind))
+        keep = jnp.where(kind == faults_lib.DROPOUT, 0.0, keep)
+        if faults.weight_by_steps:
+          keep = keep * run_steps.astype(jnp.float32) / steps
       contrib, rows = ((u.update, u.rows) if contribution is None else
                        contribution(u, shared, slot_input, u.rows))
       if privacy is not None:
         contrib = privacy_lib.contribution(contrib, u.norm, clip_norm)
+      isolated = faults_lib.isolate(keep, contrib, u.loss)
       outputs = {'loss': u.loss, 'norm': u.norm,
-                 'upload_error': u.upload_error}
+                 'upload_error': u.upload_error,
+                 'nonfinite': jnp.where((isolated == 0) & (keep > 0), 1.0,
+                                        0.0)}
+      if faults is not None:
+        outputs['fault'] = kind
       if shared_state:
         outputs['opt_state'] = u.opt_state
       return engine.ClientResult(contribution=contrib, rows=rows,
-                                 outputs=outputs, count=data_row.counts)
+                                 outputs=outputs, count=data_row.counts,
+                                 keep=isolated)
 
     return client_fn
 
@@ -508,13 +691,15 @@ class Algorithm(abc.ABC):
     `self.client_fn`. The returned `run(state, data, client_ids,
     client_mask, shared, slot_inputs=None, key=None)` hands the clients
     `(shared, server)`, `server` being the DP broadcast
-    (`{'clip_norm': C_r}` from `state.algorithm['dp']`) or None.
+    (`{'clip_norm': C_r}` from `state.algorithm['dp']`) or None, and each
+    slot its injected fault (`faults.plan`) with its slot input.
 
     With `shared_state`, `run` also hands every client the shared optimizer
     state and its position (`client_order`), and its outputs hold
     `'client_opt_state'`, the next round's shared state
-    (`optimizers.compose_sequential`): pass `**self.shared_state_update(
-    outputs)` to `state.advance`.
+    (`optimizers.compose_sequential` over the clients kept, each with the
+    steps it ran): pass `**self.shared_state_update(outputs)` to
+    `state.advance`.
     """
     params = self.run.param_shapes
     runner = engine.make_client_round(
@@ -522,6 +707,9 @@ class Algorithm(abc.ABC):
         chunk_size=self.chunk_size,
         aggregator=self.aggregator if aggregator is None else aggregator,
         row_shapes=jax.eval_shape(self.client_rows, params))
+    faults, local_steps = self.faults, self.local_steps
+    shared_state = self.shared_optimizer_state
+    cfg = self.run.config.client_optimizer
 
     def run(state, data, client_ids, client_mask, shared, slot_inputs=None,
             key=None):
@@ -529,29 +717,28 @@ class Algorithm(abc.ABC):
       if self.privacy is not None:
         dp = state.algorithm[privacy_lib.STATE_KEY]
         server = {'clip_norm': dp['clip_norm']}
-      return runner(state, data, client_ids, client_mask, (shared, server),
-                    slot_inputs, key)
-
-    if not self.shared_optimizer_state:
-      return run
-    cfg = self.run.config.client_optimizer
-
-    def run_shared(state, data, client_ids, client_mask, shared,
-                   slot_inputs=None, key=None):
-      positions = self.client_order(client_ids, client_mask, slot_inputs)
-      start = state.client_opt_state
-      aggregate, outputs, rows = run(
-          state, data, client_ids, client_mask,
-          shared=(shared, start), slot_inputs=(slot_inputs, positions),
-          key=key)
-      outputs = dict(outputs)
-      finals = outputs.pop('opt_state')
-      outputs['client_opt_state'] = optimizers.compose_sequential(
-          start, finals, positions, client_mask, self.local_steps,
-          optimizers.state_decays(cfg, start))
+      plan = (faults_lib.plan(faults, state.rng, state.round, client_ids,
+                              client_mask, local_steps)
+              if faults is not None else None)
+      if shared_state:
+        positions = self.client_order(client_ids, client_mask, slot_inputs)
+        start = state.client_opt_state
+        shared, slot_inputs = (shared, start), (slot_inputs, positions)
+      aggregate, outputs, rows = runner(
+          state, data, client_ids, client_mask, (shared, server),
+          (plan, slot_inputs), key)
+      if shared_state:
+        outputs = dict(outputs)
+        finals = outputs.pop('opt_state')
+        # Dropped clients are as if not sampled; stragglers count the steps
+        # they ran.
+        outputs['client_opt_state'] = optimizers.compose_sequential(
+            start, finals, positions, outputs['weight'] > 0,
+            local_steps if plan is None else plan[1],
+            optimizers.state_decays(cfg, start))
       return aggregate, outputs, rows
 
-    return run_shared
+    return run
 
   def shared_state_update(self, outputs: dict) -> dict:
     """`state.advance`'s keyword for the next round's shared client

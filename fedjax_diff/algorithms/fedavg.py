@@ -15,6 +15,9 @@ arXiv 2407.14730) is FedAvg of diffusion UNets. Round r:
    (Reddi et al. 2021, arXiv 2003.00295);
 5. EMA ← d·EMA + (1 − d)·θ, with warmup (`diffusion.ema.ema_decay_at`).
 
+A client whose upload is not finite is left out of the mean, and a round
+without any client left changes nothing (`strategies.faults`).
+
 FedDM-prox (the proximal term), FedDM-quant (a quantizing upload path),
 pruning masks, kept client optimizer state and client-level DP are
 transforms and options that compose with it; they live in `strategies/`,
@@ -35,7 +38,7 @@ class Algorithm(base.Algorithm):
 
   name = 'fedavg'
 
-  def make_round(self, donate: bool = True):
+  def round_step(self):
     server_opt = self.run.server_optimizer
     run_clients = self.client_round(
         self.client_fn(lambda shared, _: shared[0]))
@@ -55,4 +58,4 @@ class Algorithm(base.Algorithm):
                                 **self.shared_state_update(outputs)),
               {**engine.client_metrics(outputs), **figures})
 
-    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+    return round_fn

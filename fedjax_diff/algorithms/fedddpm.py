@@ -94,10 +94,19 @@ class Settings:
                       if isinstance(default, (bool, int, float)) else value)
     out = cls(**kwargs)
     for name in ('pretrain_steps', 'aux_sample_steps', 'server_batch_size',
-                 'aux_sample_batch', 'plus_window'):
+                 'aux_sample_batch', 'plus_window', 'correction_steps'):
       if getattr(out, name) < 1:
         raise ValueError(f'config.fedddpm.{name} must be >= 1; got '
                          f'{getattr(out, name)}.')
+    for name in ('pretrain_batch_size', 'aux_per_class', 'aux_size',
+                 'server_steps', 'plus_max_corrections', 'aux_eta',
+                 'plus_threshold', 'guidance_scale'):
+      if not getattr(out, name) >= 0:
+        raise ValueError(f'config.fedddpm.{name} must be >= 0; got '
+                         f'{getattr(out, name)}.')
+    if not 0.0 <= out.heldout_fraction < 1.0:
+      raise ValueError('config.fedddpm.heldout_fraction must be in [0, 1); '
+                       f'got {out.heldout_fraction}.')
     return out
 
 
@@ -172,6 +181,12 @@ class Algorithm(fedavg.Algorithm):
     self.conditional = self.num_classes is not None
     self.phase1: dict[str, Any] = {}
     self.cache_dir = os.path.join(run.workdir, 'fedddpm')
+
+  @classmethod
+  def check_config(cls, config, num_devices=None):
+    super().check_config(config, num_devices)
+    settings = Settings.from_config(config)
+    server_aux.server_aux_optimizer(settings.server_optimizer)
 
   def init(self, params):
     del params

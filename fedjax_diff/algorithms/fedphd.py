@@ -22,6 +22,10 @@ loop over clients or edges:
    other rounds θ and the server optimizer state are unchanged;
 6. the EMA of θ (the cloud model) is updated every round, as in FedAvg.
 
+A client left out of the round (`strategies.faults`: a non-finite upload,
+an injected fault) adds nothing to its edge's model nor to its Q, N; a round
+that keeps no client changes nothing, so a cloud aggregation due then waits
+for the next cloud round.
 With `config.client_optimizer.shared_state` the clients share one
 optimizer state, FedPhD's code's one Adam (see `algorithms.base`), in the
 order of its loops: edge by edge, clients by id within an edge.
@@ -67,20 +71,20 @@ class Algorithm(base.Algorithm):
 
   def __init__(self, run: base.Run):
     super().__init__(run)
-    self.hierarchy = hierarchical.config_from(run.config)
-    if self.hierarchy is None:
-      raise ValueError(
-          "config.algorithm='fedphd' needs a config.hierarchy block with "
-          'num_edges >= 1 (see configs/mnist_fedphd.py); for flat FedAvg '
-          "use config.algorithm='fedavg'.")
+    self.hierarchy = hierarchy_from(run.config)
     self.num_classes = int(run.num_classes)
     self.aggregator = hierarchical.edge_sums(self.hierarchy.num_edges)
+
+  @classmethod
+  def check_config(cls, config, num_devices=None):
+    super().check_config(config, num_devices)
+    hierarchy_from(config)
 
   def init(self, params):
     return hierarchical.init_edge_state(params, self.hierarchy.num_edges,
                                         self.num_classes)
 
-  def make_round(self, donate: bool = True):
+  def round_step(self):
     hier = self.hierarchy
     num_edges, num_classes = hier.num_edges, self.num_classes
     last = self.num_rounds if hier.final_cloud else None
@@ -125,9 +129,11 @@ class Algorithm(base.Algorithm):
 
       edge_params = jax.tree.map(edge_mean, edge_state.params, sums)
       edge_counts = jnp.where(has, totals, edge_state.counts)
+      # Only the clients kept in the round (not dropped: strategies.faults)
+      # join their edges' Q, N.
       label_dist, samples = hierarchical.absorb_clients(
           edge_state.label_dist, edge_state.samples, q, counts, edges,
-          client_mask)
+          (outputs['weight'] > 0).astype(jnp.float32))
 
       # 5. Cloud aggregation (selected, not branched: both sides are cheap
       # next to the clients' training).
@@ -164,7 +170,7 @@ class Algorithm(base.Algorithm):
                                 **self.shared_state_update(outputs)),
               metrics)
 
-    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+    return round_fn
 
   def client_order(self, client_ids, client_mask, slot_inputs):
     """FedPhD's loops train the clients of edge 0 (by id), then edge 1's,
@@ -216,6 +222,29 @@ class Algorithm(base.Algorithm):
     hier = self.hierarchy
     return (super().describe() + f' {hier.num_edges} edges, cloud every '
             f'{hier.cloud_every} rounds, {hier.selection} edge selection.')
+
+
+def hierarchy_from(config) -> hierarchical.HierarchyConfig:
+  """`config.hierarchy` (`hierarchical.config_from`), which FedPhD needs,
+  with at most as many edges as the federation has clients.
+
+  Raises:
+    ValueError: no hierarchy, or more edges than clients.
+  """
+  hier = hierarchical.config_from(config)
+  if hier is None:
+    raise ValueError(
+        "config.algorithm='fedphd' needs a config.hierarchy block with "
+        'num_edges >= 1 (see configs/mnist_fedphd.py); for flat FedAvg '
+        "use config.algorithm='fedavg'.")
+  num_clients = config.federation.num_clients
+  if hier.num_edges > num_clients:
+    raise ValueError(
+        f'config.hierarchy.num_edges={hier.num_edges} is more edges than the '
+        f'federation has clients (config.federation.num_clients='
+        f'{num_clients}): some edges could never have a client. Use '
+        f'num_edges <= {num_clients} (FedPhD: 2).')
+  return hier
 
 
 def check_edges(edges, params, num_edges: int, num_classes: int) -> None:

@@ -34,6 +34,9 @@ space instead, before Adam, made it dominate the normalised step (c_k is in
 units of directions, ~1 per weight, not of gradients) and training stalled:
 held-out loss 0.56 at round 5 against FedAvg's 0.058.
 
+A client left out of the round (a non-finite upload, an injected fault:
+`strategies.faults`) adds nothing to Δx or to c and keeps its c_k; a
+straggler that ran s_k < K steps divides by Σ_{s<s_k} η_s.
 Client-level DP (`config.dp`, `strategies.privacy`): Δc_k would be a
 second release of client data, so under DP the clients do not upload it.
 By option II, Δc_k = c_k⁺ − c_k = −c − Δy_k/Σ_s η_s is the public c and the
@@ -141,12 +144,16 @@ class Algorithm(base.Algorithm):
     return {**super().client_rows(params),
             ROWS: jax.tree.map(jnp.zeros_like, params)}
 
-  def lr_sum(self, round_idx):
-    """Σ_s η_s over the round's local steps (the schedule's values)."""
-    steps = round_idx * self.local_steps + jnp.arange(self.local_steps)
-    return jnp.sum(jax.vmap(self.lr_schedule)(steps))
+  def lr_sum(self, round_idx, num_steps=None):
+    """Σ_s η_s over the round's local steps (the schedule's values), or over
+    the first `num_steps` of them (a straggler's)."""
+    s = jnp.arange(self.local_steps)
+    lrs = jax.vmap(self.lr_schedule)(round_idx * self.local_steps + s)
+    if num_steps is not None:
+      lrs = jnp.where(s < num_steps, lrs, 0.0)
+    return jnp.sum(lrs)
 
-  def make_round(self, donate: bool = True):
+  def round_step(self):
     server_opt = self.run.server_optimizer
     num_clients = self.run.num_clients
 
@@ -161,7 +168,7 @@ class Algorithm(base.Algorithm):
 
     def contribution(update, shared, _, rows):
       (x, c), round_idx = shared
-      scale = 1.0 / self.lr_sum(round_idx)
+      scale = 1.0 / self.lr_sum(round_idx, update.steps)
       c_k = rows[ROWS]
       c_new = jax.tree.map(lambda ck, cc, xx, y: ck - cc + (xx - y) * scale,
                            c_k, c, x, update.params)
@@ -198,7 +205,7 @@ class Algorithm(base.Algorithm):
                                 **self.shared_state_update(outputs)),
               {**engine.client_metrics(outputs), **figures})
 
-    return jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+    return round_fn
 
   def round_bytes(self, round_idx):
     """x and c down, the upload path's Δy and a float32 Δc up, per client

@@ -6,6 +6,7 @@ example indices per client. The arrays are disjoint and together cover all
 examples.
 """
 
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -323,3 +324,22 @@ def make_partition(labels, method: str, num_clients: int, seed: int,
     raise ValueError(f'Unknown partition method {method!r}; valid methods: '
                      f'{", ".join(sorted(PARTITIONERS))}.') from None
   return fn(labels, num_clients=num_clients, seed=seed, **kwargs)
+
+
+def partition_from_config(cfg) -> tuple[str, dict]:
+  """(method, keyword arguments) of `config.partition`: the fields the
+  method takes (others are ignored, so `--config.partition.method=dirichlet
+  --config.partition.alpha=0.1` works from any config).
+
+  Raises:
+    ValueError: no method, or an unknown one (the valid ones are listed).
+  """
+  method = cfg.get('method') if cfg is not None else None
+  fn = PARTITIONERS.get(method) if isinstance(method, str) else None
+  if fn is None:
+    raise ValueError(f'config.partition.method={method!r}; use one of '
+                     f'{sorted(PARTITIONERS)}.')
+  accepted = inspect.signature(fn).parameters
+  kwargs = {k: v for k, v in cfg.items()
+            if k in accepted and k not in ('labels', 'num_clients', 'seed')}
+  return method, kwargs

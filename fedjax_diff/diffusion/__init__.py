@@ -16,6 +16,7 @@ from fedjax_diff.diffusion.schedules import make_schedule
 from fedjax_diff.diffusion.schedules import NoiseSchedule
 from fedjax_diff.diffusion.schedules import q_sample
 from fedjax_diff.diffusion.schedules import schedule_from_betas
+from fedjax_diff.diffusion.schedules import schedule_from_config
 
 __all__ = [
     'EpsFn',
@@ -34,4 +35,5 @@ __all__ = [
     'q_sample',
     'sample',
     'schedule_from_betas',
+    'schedule_from_config',
 ]

@@ -129,3 +129,24 @@ def diffusion_loss(eps_fn: EpsFn,
                      f'{noise.shape}.')
   err = noise.astype(jnp.float32) - eps_pred.astype(jnp.float32)
   return jnp.mean(jnp.square(err))
+
+
+def cond_drop_prob_from_config(config) -> float:
+  """`config.diffusion.cond_drop_prob`, p_uncond of classifier-free
+  guidance: a number in [0, 1), and 0 for an unconditional model
+  (`config.model.num_classes` None).
+
+  Raises:
+    ValueError: out of range, or > 0 without classes to drop.
+  """
+  p = config.diffusion.get('cond_drop_prob', 0.0) or 0.0
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not (
+      0.0 <= p < 1.0):
+    raise ValueError('config.diffusion.cond_drop_prob must be in [0, 1) '
+                     f'(classifier-free guidance: 0.1), got {p!r}.')
+  if p > 0 and config.model.get('num_classes') is None:
+    raise ValueError(f'config.diffusion.cond_drop_prob={p} drops class '
+                     'labels, but the model is unconditional '
+                     '(config.model.num_classes is None): set num_classes or '
+                     'cond_drop_prob=0.')
+  return float(p)

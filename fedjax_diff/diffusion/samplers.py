@@ -251,7 +251,8 @@ def sample(eps_fn: losses.EpsFn,
       (`num_steps` is ignored), or
     * method='ddim': S = `num_steps` steps `ddim_step` at t = tau_i of
       `ddim_timesteps(T, S)`, each to t_prev = t - T // S, with `eta`.
-  The loop is a `lax.scan`; the result is clipped to [-1, 1].
+  The loop is a `lax.scan`; the result is clipped to [-1, 1] when
+  `clip_denoised` (pixels; not latents, which are not bounded).
 
   The randomness is derived from `rng` as follows (so a plain Python loop over
   the steps can reproduce it):
@@ -282,10 +283,10 @@ def sample(eps_fn: losses.EpsFn,
     guidance_scale: classifier-free guidance scale w, see `guided_eps`; None
       for no guidance.
     null_label: the "no condition" label; required with guidance.
-    clip_denoised: clip x^_0 to [-1, 1] in each step.
+    clip_denoised: clip x^_0 to [-1, 1] in each step, and the result.
 
   Returns:
-    float32 samples of `shape` in [-1, 1].
+    float32 samples of `shape` (in [-1, 1] when `clip_denoised`).
 
   Raises:
     ValueError: for an unknown method, num_steps outside [1, T], guidance
@@ -332,7 +333,7 @@ def sample(eps_fn: losses.EpsFn,
 
   x, _ = jax.lax.scan(body, x,
                       (jnp.asarray(ts), jnp.asarray(t_prevs), step_keys))
-  return jnp.clip(x, -1.0, 1.0)
+  return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
 
 
 def _check_num_steps(num_timesteps: int, num_steps: int) -> None:

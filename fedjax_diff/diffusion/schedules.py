@@ -138,6 +138,31 @@ def linear_schedule(num_timesteps: int = 1000,
   return schedule_from_betas(betas)
 
 
+def scaled_linear_schedule(num_timesteps: int = 1000,
+                           beta_start: float = 1e-4,
+                           beta_end: float = 0.02) -> NoiseSchedule:
+  """The schedule latent diffusion trains with (Rombach et al. 2022, arXiv
+  2112.10752; LDM's `make_beta_schedule('linear')`, diffusers'
+  'scaled_linear'): linear in √β,
+
+  beta_t = (√beta_start + (√beta_end − √beta_start) t / (T − 1))², t = 0..T−1.
+
+  LDM's LSUN-Church model uses beta_start = 0.0015, beta_end = 0.0155.
+
+  Args:
+    num_timesteps: T.
+    beta_start: beta_0.
+    beta_end: beta_{T-1}.
+
+  Returns:
+    The schedule.
+  """
+  _check_num_timesteps(num_timesteps)
+  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps,
+                      dtype=np.float64) ** 2
+  return schedule_from_betas(betas)
+
+
 def cosine_schedule(num_timesteps: int = 1000,
                     s: float = 0.008,
                     max_beta: float = 0.999) -> NoiseSchedule:
@@ -172,6 +197,7 @@ def cosine_schedule(num_timesteps: int = 1000,
 
 _SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
     'linear': linear_schedule,
+    'scaled_linear': scaled_linear_schedule,
     'cosine': cosine_schedule,
 }
 
@@ -181,7 +207,8 @@ def make_schedule(name: str, num_timesteps: int, **kwargs: Any
   """Builds a schedule by name.
 
   Args:
-    name: 'linear' (`linear_schedule`) or 'cosine' (`cosine_schedule`).
+    name: 'linear' (`linear_schedule`), 'scaled_linear'
+      (`scaled_linear_schedule`) or 'cosine' (`cosine_schedule`).
     num_timesteps: T.
     **kwargs: passed on to the schedule function (e.g. `beta_start`,
       `beta_end` for 'linear'; `s`, `max_beta` for 'cosine').
@@ -199,6 +226,26 @@ def make_schedule(name: str, num_timesteps: int, **kwargs: Any
         f'Unknown noise schedule {name!r}; valid choices are '
         f'{sorted(_SCHEDULES)}.') from None
   return fn(num_timesteps, **kwargs)
+
+
+def schedule_from_config(cfg) -> NoiseSchedule:
+  """The schedule of `config.diffusion` (fields `schedule`, a name,
+  `num_timesteps`, T, and `beta_start` / `beta_end` where given, e.g. LDM's
+  scaled_linear).
+
+  Raises:
+    ValueError: an unknown name or a T that is not an int >= 1.
+  """
+  num = cfg.get('num_timesteps')
+  if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    raise ValueError(f'config.diffusion.num_timesteps must be an int >= 1 '
+                     f'(DDPM: 1000), got {num!r}.')
+  betas = {k: float(cfg[k]) for k in ('beta_start', 'beta_end')
+           if cfg.get(k) is not None}
+  try:
+    return make_schedule(cfg.get('schedule', 'linear'), num, **betas)
+  except ValueError as e:
+    raise ValueError(f'config.diffusion.schedule: {e}') from None
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:

@@ -9,6 +9,7 @@ import sys
 import ml_collections
 
 from fedjax_diff import components
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import check_params
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
@@ -16,15 +17,29 @@ from fedjax_diff.evaluators.base import Evaluator
 from fedjax_diff.evaluators.base import is_due
 
 
+def _resolve(name: str):
+  return components.resolve(sys.modules[__name__], name, 'Evaluator',
+                            f'config.evaluators.{name}', exclude=('base',))
+
+
 def build_evaluators(cfg: ml_collections.ConfigDict,
                      ctx: EvalContext) -> dict[str, Evaluator]:
   """Builds every evaluator named in `cfg` (a mapping name → its config)."""
-  package = sys.modules[__name__]
-  return {name: components.resolve(package, name, 'Evaluator',
-                                    f'config.evaluators.{name}',
-                                    exclude=('base',))(entry, ctx)
+  return {name: _resolve(name)(entry, ctx)
           for name, entry in (cfg or {}).items()}
 
 
-__all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'check_params',
-           'evaluated_params', 'is_due']
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Resolves every evaluator named in `cfg` and parses its entry against
+  its `FIELDS` (`base.parse`), building nothing.
+
+  Raises:
+    ValueError: an unknown evaluator (the valid names are listed) or an
+      invalid field of an entry.
+  """
+  for name, entry in (cfg or {}).items():
+    base.parse(entry, _resolve(name).FIELDS, f'config.evaluators.{name}')
+
+
+__all__ = ['EvalContext', 'Evaluator', 'build_evaluators', 'check_config',
+           'check_params', 'evaluated_params', 'is_due']

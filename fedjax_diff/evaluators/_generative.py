@@ -2,7 +2,8 @@
 
   * `Generator`: evaluation samples from the global EMA model, drawn with the
     DDIM sampler (Song et al. 2021, arXiv 2010.02502) in jitted batches, with
-    the same noise every round. Evaluators whose entries ask for the same
+    the same noise every round (`base.make_drawer`: decoded through the
+    first stage in latent diffusion). Evaluators whose entries ask for the same
     samples (num_samples, num_steps, eta, guidance_scale, method) share one
     draw per round and one compiled sampler.
   * `features_from_config`: the feature space of FID and precision/recall,
@@ -11,7 +12,8 @@
   * `reference_data`: the real split that generated images are compared
     with, loaded once per process.
 
-Entry fields read here (all optional): num_samples (1000), batch_size (250),
+Entry fields read here (all optional; `FIELDS`, checked by `base.parse`):
+num_samples (1000), batch_size (250),
 method ('ddim'), num_steps (50), eta (0.0), guidance_scale (1.0, a
 class-conditional model draws classes 0, 1, …, C−1, 0, … as
 evaluators/samples.py does), features ('classifier'), cache_dir
@@ -31,48 +33,55 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_diff import data as data_lib
-from fedjax_diff.diffusion import sample
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
+from fedjax_diff.evaluators.base import make_drawer
 from fedjax_diff.metrics import mnist_classifier
 
-_DRAWERS: dict = {}
 _LAST_DRAW: dict = {}
 _REFERENCE: dict = {}
 _FEATURES: dict = {}
 
 
+# The fields of a generative evaluator's entry (`base.parse`).
+FIELDS = {
+    'every_rounds': base.EVERY_ROUNDS,
+    'num_samples': base.Field(1000, 'int', low=2),
+    'batch_size': base.Field(250, 'int', low=1),
+    'method': base.Field('ddim', 'str', choices=('ddim', 'ddpm')),
+    'num_steps': base.Field(50, 'int', low=1),
+    'eta': base.Field(0.0, 'float', low=0.0),
+    'guidance_scale': base.Field(1.0, 'float'),
+    'features': base.Field('classifier', 'str',
+                           choices=('classifier', 'inception')),
+    'cache_dir': base.Field(None, 'path'),
+    'classifier_dataset': base.Field(None, 'path'),
+    'inception_weights': base.Field(None, 'path'),
+    'inception_batch_size': base.Field(50, 'int', low=1),
+    'reference_split': base.Field('train', 'str'),
+    'data_dir': base.Field(None, 'path'),
+    'image_size': base.Field(None, 'int', low=1, optional=True),
+}
+
+
 class Generator:
-  """Draws the evaluation samples of an entry (in [−1, 1], NHWC)."""
+  """Draws the evaluation samples of an entry (in [−1, 1], NHWC); `cfg` is
+  the entry parsed with `FIELDS`."""
 
   def __init__(self, cfg, ctx: EvalContext):
-    self.num_samples = int(cfg.get('num_samples', 1000))
-    batch = min(int(cfg.get('batch_size', 250)), self.num_samples)
-    if self.num_samples < 2 or batch < 1:
-      raise ValueError(f'num_samples must be >= 2 and batch_size >= 1; got '
-                       f'{self.num_samples} and {batch}.')
-    method = str(cfg.get('method', 'ddim'))
-    num_steps = int(cfg.get('num_steps', 50))
-    eta = float(cfg.get('eta', 0.0))
-    scale = float(cfg.get('guidance_scale', 1.0))
-    guidance = None if scale == 1.0 or ctx.num_classes is None else scale
-    shape = (batch,) + tuple(ctx.image_shape)
+    self.num_samples = int(cfg.num_samples)
+    batch = min(int(cfg.batch_size), self.num_samples)
+    method = str(cfg.method)
+    num_steps = int(cfg.num_steps)
+    eta = float(cfg.eta)
+    scale = float(cfg.guidance_scale)
     self._batch = batch
     self._ctx = ctx
     self._key = (id(ctx), self.num_samples, batch, method, num_steps, eta,
-                 guidance)
-    drawer_key = (id(ctx.eps_fn), id(ctx.schedule), shape, method, num_steps,
-                  eta, guidance, ctx.num_classes)
-    if drawer_key not in _DRAWERS:
-
-      def draw(params, key, labels):
-        return sample(ctx.eps_fn, params, ctx.schedule, key, shape,
-                      method=method, num_steps=num_steps, eta=eta,
-                      labels=labels, guidance_scale=guidance,
-                      null_label=ctx.num_classes)
-
-      _DRAWERS[drawer_key] = jax.jit(draw)
-    self._draw = _DRAWERS[drawer_key]
+                 scale)
+    self._draw = make_drawer(ctx, batch, method=method, num_steps=num_steps,
+                             eta=eta, guidance_scale=scale)
     num_batches = -(-self.num_samples // batch)
     self.labels = (None if ctx.num_classes is None else
                    np.arange(num_batches * batch) % ctx.num_classes)
@@ -96,7 +105,7 @@ class Generator:
 
 
 def cache_dir(cfg) -> str:
-  return cfg.get('cache_dir') or mnist_classifier.default_cache_dir()
+  return cfg.cache_dir or mnist_classifier.default_cache_dir()
 
 
 def _run_data_config(ctx: EvalContext) -> dict:
@@ -109,12 +118,12 @@ def _run_data_config(ctx: EvalContext) -> dict:
 def reference_data(cfg, ctx: EvalContext) -> data_lib.Dataset:
   """The real split named by `reference_split` ('test': the run's test
   split, as the trainer loaded it)."""
-  split = str(cfg.get('reference_split', 'train'))
+  split = str(cfg.reference_split)
   if split == 'test':
     return ctx.test_data
   run = _run_data_config(ctx)
-  data_dir = cfg.get('data_dir') or run.get('data_dir')
-  image_size = cfg.get('image_size') or run.get('image_size')
+  data_dir = cfg.data_dir or run.get('data_dir')
+  image_size = cfg.image_size or run.get('image_size')
   key = (ctx.test_data.name, split, data_dir, image_size)
   if key not in _REFERENCE:
     kwargs = {'image_size': int(image_size)} if image_size else {}
@@ -134,7 +143,7 @@ class Features:
 
 
 def classifier_features(cfg, ctx: EvalContext) -> Features:
-  dataset = cfg.get('classifier_dataset') or ctx.test_data.name
+  dataset = cfg.classifier_dataset or ctx.test_data.name
   key = ('classifier', dataset, cache_dir(cfg))
   if key not in _FEATURES:
     try:
@@ -157,11 +166,11 @@ def classifier_features(cfg, ctx: EvalContext) -> Features:
 def inception_features(cfg, ctx: EvalContext) -> Features:
   del ctx
   from fedjax_diff.metrics import inception  # pylint: disable=g-import-not-at-top
-  weights = cfg.get('inception_weights') or ''
+  weights = cfg.inception_weights or ''
   key = ('inception', weights, cache_dir(cfg))
   if key not in _FEATURES:
     ext = inception.extractor_from_weights(
-        weights, cache_dir(cfg), int(cfg.get('inception_batch_size', 50)))
+        weights, cache_dir(cfg), int(cfg.inception_batch_size))
     _FEATURES[key] = Features('inception', 'inception-2015-12-05',
                               lambda x: ext((np.asarray(x) + 1.0) / 2.0),
                               extractor=ext)
@@ -169,7 +178,7 @@ def inception_features(cfg, ctx: EvalContext) -> Features:
 
 
 def features_from_config(cfg, ctx: EvalContext) -> Features:
-  kind = str(cfg.get('features', 'classifier'))
+  kind = str(cfg.features)
   if kind == 'classifier':
     return classifier_features(cfg, ctx)
   if kind == 'inception':

@@ -15,6 +15,7 @@ import numpy as np
 import ml_collections
 
 from fedjax_diff.evaluators import _generative
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.metrics import class_coverage
 
@@ -23,8 +24,11 @@ class Evaluator:
   """Config: see evaluators/_generative.py (features is always the
   classifier's)."""
 
+  FIELDS = _generative.FIELDS
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.class_coverage')
+    self.every_rounds = int(cfg.every_rounds)
     self._generator = _generative.Generator(cfg, ctx)
     self._features = _generative.classifier_features(cfg, ctx)
     clf = self._features.classifier

@@ -3,7 +3,9 @@
     L = E_{x0 ∈ test, t, ε} ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²
 
 (Ho et al. 2020, eq. 14), estimated with a fixed key so that values are
-comparable across rounds and runs. `heldout_loss` is the loss of the model
+comparable across rounds and runs. In latent diffusion x0 is the test
+image's latent (`EvalContext.latent`, encoded once here), the space the
+model is trained in. `heldout_loss` is the loss of the model
 the evaluators judge (`config.eval_params`: the EMA by default, or the raw
 global model); the other one is reported too, as `heldout_loss_raw` or
 `heldout_loss_ema`.
@@ -14,7 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fedjax_diff import client
 from fedjax_diff.diffusion import diffusion_loss
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.evaluators.base import evaluated_params
 
@@ -22,17 +26,24 @@ from fedjax_diff.evaluators.base import evaluated_params
 class Evaluator:
   """Config: every_rounds, num_examples (0 = all), batch_size."""
 
+  FIELDS = {'every_rounds': base.EVERY_ROUNDS,
+            'num_examples': base.Field(0, 'int', low=0),
+            'batch_size': base.Field(128, 'int', low=1)}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
-    batch = int(cfg.get('batch_size', 128))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.denoising_loss')
+    self.every_rounds = int(cfg.every_rounds)
+    batch = int(cfg.batch_size)
     n = len(ctx.test_data)
-    want = int(cfg.get('num_examples', 0)) or n
+    want = int(cfg.num_examples) or n
     num_batches = max(1, min(want, n) // batch)
     if min(want, n) < batch:
       batch = min(want, n)
     used = num_batches * batch
-    images = ctx.test_data.images[:used].reshape(
-        (num_batches, batch) + ctx.test_data.images.shape[1:])
+    images = ctx.test_data.images[:used]
+    if ctx.latent is not None:
+      images = ctx.latent.encode_images(images)
+    images = images.reshape((num_batches, batch) + images.shape[1:])
     labels = ctx.test_data.labels[:used].reshape(num_batches, batch)
     self._images = jnp.asarray(images)
     self._labels = jnp.asarray(labels)
@@ -41,7 +52,7 @@ class Evaluator:
     key = jax.random.PRNGKey(ctx.seed + 7919)
 
     def batch_loss(params, i):
-      x = self._images[i].astype(jnp.float32) / 127.5 - 1.0
+      x = client.to_float_images(self._images[i])
       return diffusion_loss(
           ctx.eps_fn, params, ctx.schedule, x, jax.random.fold_in(key, i),
           labels=self._labels[i] if conditional else None, train=False)

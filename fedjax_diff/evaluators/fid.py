@@ -12,6 +12,7 @@ evaluators/_generative.py, plus stats_file.
 import ml_collections
 
 from fedjax_diff.evaluators import _generative
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.metrics import frechet
 from fedjax_diff.metrics import reference_stats
@@ -19,11 +20,14 @@ from fedjax_diff.metrics import reference_stats
 
 class Evaluator:
 
+  FIELDS = {**_generative.FIELDS, 'stats_file': base.Field(None, 'path')}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.fid')
+    self.every_rounds = int(cfg.every_rounds)
     self._generator = _generative.Generator(cfg, ctx)
     self._features = _generative.features_from_config(cfg, ctx)
-    split = str(cfg.get('reference_split', 'train'))
+    split = str(cfg.reference_split)
 
     def compute():
       real = _generative.reference_data(cfg, ctx)
@@ -32,7 +36,7 @@ class Evaluator:
 
     self._real = reference_stats.reference_stats(
         ctx.test_data.name, split, self._features.key, compute,
-        _generative.cache_dir(cfg), cfg.get('stats_file'), verbose=True)
+        _generative.cache_dir(cfg), cfg.stats_file, verbose=True)
 
   def __call__(self, state, round_idx):
     images = self._generator(state, round_idx)

@@ -11,15 +11,19 @@ evaluators/_generative.py, plus splits.
 import ml_collections
 
 from fedjax_diff.evaluators import _generative
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.metrics import inception_score
 
 
 class Evaluator:
 
+  FIELDS = {**_generative.FIELDS, 'splits': base.Field(10, 'int', low=1)}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
-    self._splits = int(cfg.get('splits', 10))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.inception_score')
+    self.every_rounds = int(cfg.every_rounds)
+    self._splits = int(cfg.splits)
     self._generator = _generative.Generator(cfg, ctx)
     self._features = _generative.inception_features(cfg, ctx)
 

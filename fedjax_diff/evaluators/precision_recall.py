@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_diff.evaluators import _generative
+from fedjax_diff.evaluators import base
 from fedjax_diff.evaluators.base import EvalContext
 from fedjax_diff.metrics import precision_recall
 
@@ -19,13 +20,17 @@ from fedjax_diff.metrics import precision_recall
 class Evaluator:
   """Config: see evaluators/_generative.py, plus k and num_real."""
 
+  FIELDS = {**_generative.FIELDS, 'k': base.Field(3, 'int', low=1),
+            'num_real': base.Field(0, 'int', low=0)}
+
   def __init__(self, cfg: ml_collections.ConfigDict, ctx: EvalContext):
-    self.every_rounds = int(cfg.get('every_rounds', 10))
-    self._k = int(cfg.get('k', 3))
+    cfg = base.parse(cfg, self.FIELDS, 'config.evaluators.precision_recall')
+    self.every_rounds = int(cfg.every_rounds)
+    self._k = int(cfg.k)
     self._generator = _generative.Generator(cfg, ctx)
     self._features = _generative.features_from_config(cfg, ctx)
     real = _generative.reference_data(cfg, ctx)
-    num_real = min(int(cfg.get('num_real', 0)) or
+    num_real = min(int(cfg.num_real) or
                    self._generator.num_samples, len(real))
     idx = np.random.default_rng(ctx.seed + 31).choice(
         len(real), num_real, replace=False)

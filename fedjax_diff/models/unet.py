@@ -440,7 +440,9 @@ class UNet(nn.Module):
                        f'levels={levels}, temb={temb}.')
     return stem, levels, temb
 
-  def _check_config(self):
+  def check_config(self):
+    """Raises a ValueError for widths, groups or depths the UNet cannot
+    have (also checked when it is called)."""
     if not self.ch_mult:
       raise ValueError('UNet.ch_mult must have at least one level.')
     if self.ch % 2 or self.ch < 4:
@@ -462,10 +464,12 @@ class UNet(nn.Module):
       raise ValueError(
           f'UNet.num_res_blocks must be >= 1, got {self.num_res_blocks}.')
 
-  def _check_input(self, x: Array):
-    if x.ndim != 4:
-      raise ValueError(f'UNet expects NHWC input, got shape {x.shape}.')
-    _, hgt, wid, _ = x.shape
+  def check_input_shape(self, shape: tuple[int, ...]):
+    """Raises a ValueError unless `shape` is NHWC with H and W halvable at
+    every level."""
+    if len(shape) != 4:
+      raise ValueError(f'UNet expects NHWC input, got shape {shape}.')
+    _, hgt, wid, _ = shape
     factor = 2 ** (len(self.ch_mult) - 1)
     if hgt % factor or wid % factor:
       # Deepest UNet that this input size supports.
@@ -496,8 +500,8 @@ class UNet(nn.Module):
     Returns:
       [B, H, W, out_ch] float32 noise prediction.
     """
-    self._check_config()
-    self._check_input(x)
+    self.check_config()
+    self.check_input_shape(x.shape)
     batch = x.shape[0]
     t = jnp.asarray(t)
     if t.ndim == 0:
@@ -613,10 +617,35 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       `upsample_in_widths` (default None: the unpruned widths; see `UNet`).
 
   Returns:
-    The (unbound) UNet module.
+    The (unbound) UNet module; `check_config()` checks the widths and
+    groups together.
+
+  Raises:
+    ValueError: a field of the wrong type or out of range.
   """
   num_classes = cfg.get('num_classes', None)
   out_ch = cfg.get('out_ch', None)
+  for name in ('ch', 'num_res_blocks'):
+    value = cfg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.model.{name} must be an int >= 1, got '
+                       f'{value!r}.')
+  mult = cfg.get('ch_mult')
+  if (not isinstance(mult, (tuple, list)) or not mult or
+      not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
+              for m in mult)):
+    raise ValueError('config.model.ch_mult must be a non-empty tuple of ints '
+                     f'>= 1 (one per resolution level), got {mult!r}.')
+  dropout = cfg.get('dropout', 0.0)
+  if (isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or
+      not 0.0 <= dropout < 1.0):
+    raise ValueError(f'config.model.dropout must be in [0, 1), got '
+                     f'{dropout!r}.')
+  if num_classes is not None and (isinstance(num_classes, bool) or
+                                  not isinstance(num_classes, int) or
+                                  num_classes < 1):
+    raise ValueError('config.model.num_classes must be None '
+                     f'(unconditional) or an int >= 1, got {num_classes!r}.')
   return UNet(
       ch=int(cfg.ch),
       ch_mult=tuple(int(m) for m in cfg.ch_mult),

@@ -31,6 +31,7 @@ error feedback trains with the proximal term and uploads EF-quantized
 updates.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import ml_collections
@@ -60,12 +61,15 @@ def client_transforms(config: ml_collections.ConfigDict) -> list[Any]:
   except (TypeError, ValueError):
     raise ValueError(f'config.prox_mu must be a number >= 0, got {mu!r}.'
                      ) from None
-  if not mu >= 0.0:
-    raise ValueError(f'config.prox_mu must be >= 0, got {mu!r}.')
+  if not 0.0 <= mu < float('inf'):
+    raise ValueError(f'config.prox_mu must be a finite number >= 0 '
+                     f'(FedDM-prox: 0.01), got {mu!r}.')
   out = [proximal_lib.proximal(mu)] if mu > 0 else []
-  lam = float(config.get('group_lasso', 0.0) or 0.0)
-  if lam < 0:
-    raise ValueError(f'config.group_lasso must be >= 0, got {lam!r}.')
+  lam = config.get('group_lasso', 0.0) or 0.0
+  if (isinstance(lam, bool) or not isinstance(lam, (int, float)) or
+      not lam >= 0):
+    raise ValueError(f'config.group_lasso must be a number >= 0, got '
+                     f'{lam!r}.')
   if lam > 0:
     out.append(pruning_lib.group_lasso(
         None, lam, num_groups=int(config.model.get('num_groups', 32))))
@@ -97,6 +101,46 @@ def quantization_config(cfg: Optional[ml_collections.ConfigDict]
     raise ValueError(f'config.upload: {e}') from None
 
 
+@dataclasses.dataclass(frozen=True)
+class UploadSettings:
+  """`config.upload`, parsed and checked: the quantizer (None: float32 Δ),
+  error feedback, and the calibration fields (for 'calibrated')."""
+  quantization: Optional[quantize_lib.QuantizationConfig]
+  error_feedback: bool
+  calibration: dict
+
+
+def upload_settings(config: ml_collections.ConfigDict) -> UploadSettings:
+  """Parses `config.upload` without building anything.
+
+  Raises:
+    ValueError: an invalid or inconsistent `config.upload`.
+  """
+  cfg = config.get('upload')
+  qcfg = quantization_config(cfg)
+  error_feedback = (cfg.get('error_feedback', False) if cfg is not None
+                    else False)
+  if not isinstance(error_feedback, bool):
+    raise ValueError('config.upload.error_feedback must be True or False, '
+                     f'got {error_feedback!r}.')
+  if qcfg is None and error_feedback:
+    raise ValueError(
+        'config.upload.error_feedback=True needs a compressor: set '
+        'config.upload.quantize_bits to 8, 4 or 2.')
+  calibration = {}
+  if qcfg is not None and qcfg.scale_method == 'calibrated':
+    calibration = dict(batch=cfg.get('calib_batch', 4),
+                       steps=cfg.get('calib_steps', 4),
+                       t_frac=cfg.get('calib_t_frac', 0.4),
+                       t_spread=cfg.get('calib_t_spread', 0.05))
+    try:  # Calibration's own checks of its fields.
+      Calibration(eps_fn=None, schedule=None, image_shape=(1, 1, 1),
+                  **calibration)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'config.upload (calib_*): {e}') from None
+  return UploadSettings(qcfg, error_feedback, calibration)
+
+
 def upload_from_config(config: ml_collections.ConfigDict, *,
                        eps_fn: Optional[Callable[..., Any]] = None,
                        schedule: Optional[NoiseSchedule] = None,
@@ -118,17 +162,11 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
   Raises:
     ValueError: an invalid or inconsistent `config.upload` or `config.dp`.
   """
+  settings = upload_settings(config)
   dp = privacy_lib.Settings.from_config(config)
   clip = [dp.upload_stage()] if dp is not None else []
-  cfg = config.get('upload')
-  qcfg = quantization_config(cfg)
-  error_feedback = (bool(cfg.get('error_feedback', False)) if cfg is not None
-                    else False)
+  qcfg = settings.quantization
   if qcfg is None:
-    if error_feedback:
-      raise ValueError(
-          'config.upload.error_feedback=True needs a compressor: set '
-          'config.upload.quantize_bits to 8, 4 or 2.')
     return upload_lib.chain(*clip) if clip else None
   calibration = None
   if qcfg.scale_method == 'calibrated':
@@ -138,11 +176,8 @@ def upload_from_config(config: ml_collections.ConfigDict, *,
           'inputs from the model: pass eps_fn, schedule and image_shape.')
     calibration = Calibration(
         eps_fn=eps_fn, schedule=schedule, image_shape=tuple(image_shape),
-        num_classes=num_classes, batch=int(cfg.get('calib_batch', 4)),
-        steps=int(cfg.get('calib_steps', 4)),
-        t_frac=float(cfg.get('calib_t_frac', 0.4)),
-        t_spread=float(cfg.get('calib_t_spread', 0.05)))
-  if error_feedback:
+        num_classes=num_classes, **settings.calibration)
+  if settings.error_feedback:
     transform = upload_lib.error_feedback(
         upload_lib.quantizer(qcfg, calibration, carry_clipped=False))
   else:

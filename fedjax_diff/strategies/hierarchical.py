@@ -311,6 +311,9 @@ class HierarchyConfig:
     if not self.select_scale > 0:
       raise ValueError(f'hierarchy.select_scale must be > 0 (FedPhD: '
                        f'{SELECT_SCALE:g}), got {self.select_scale!r}.')
+    if not isinstance(self.final_cloud, bool):
+      raise ValueError(f'hierarchy.final_cloud must be True or False, got '
+                       f'{self.final_cloud!r}.')
 
 
 def config_from(config) -> Optional[HierarchyConfig]:
@@ -327,7 +330,11 @@ def config_from(config) -> Optional[HierarchyConfig]:
   kwargs = dict(cfg)
   for name in ('agg_a', 'agg_b', 'select_scale'):
     if name in kwargs:
-      kwargs[name] = float(kwargs[name])
+      value = kwargs[name]
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f'config.hierarchy.{name} must be a number, got '
+                         f'{value!r}.')
+      kwargs[name] = float(value)
   return HierarchyConfig(**kwargs)
 
 

@@ -38,6 +38,7 @@ import ml_collections
 import optax
 
 from fedjax_diff import client
+from fedjax_diff import optimizers
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.diffusion import ema as ema_lib
 from fedjax_diff.state import ServerState
@@ -50,18 +51,32 @@ def server_aux_optimizer(cfg: ml_collections.ConfigDict
                          ) -> optax.GradientTransformation:
   """The server's optimizer on the auxiliary data.
 
-  Fields: `name` ('adam' or 'sgd'), `learning_rate`, `grad_clip` (global
-  norm; 0 disables), optional `b1`, `b2`, `momentum`.
+  Fields: `name` ('adam' or 'sgd'), `learning_rate` (> 0), `grad_clip`
+  (global norm; 0 disables), optional `b1`, `b2`, `momentum` (in [0, 1)).
+  None: Adam at 1e-3.
+
+  Raises:
+    ValueError: an unknown name or a field out of range.
   """
+  cfg = cfg if cfg is not None else {}
+  where = 'config.fedddpm.server_optimizer'
   chain = []
-  if cfg.get('grad_clip', 0.0):
-    chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+  clip = optimizers.number_field(cfg, 'grad_clip', where, 0.0, low=0.0)
+  if clip:
+    chain.append(optax.clip_by_global_norm(clip))
   name = cfg.get('name', 'adam')
-  lr = float(cfg.get('learning_rate', 1e-3))
+  lr = optimizers.number_field(cfg, 'learning_rate', where, 1e-3, low=0.0,
+                               low_open=True)
   if name == 'adam':
-    chain.append(optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999)))
+    chain.append(optax.adam(
+        lr, b1=optimizers.number_field(cfg, 'b1', where, 0.9, low=0.0,
+                                       high=1.0),
+        b2=optimizers.number_field(cfg, 'b2', where, 0.999, low=0.0,
+                                   high=1.0)))
   elif name == 'sgd':
-    chain.append(optax.sgd(lr, momentum=cfg.get('momentum', None) or None))
+    momentum = optimizers.number_field(cfg, 'momentum', where, 0.0, low=0.0,
+                                       high=1.0)
+    chain.append(optax.sgd(lr, momentum=momentum or None))
   else:
     raise ValueError(f"Unknown server_aux optimizer {name!r} "
                      "(config.fedddpm.server_optimizer.name); use 'adam' or "

@@ -46,7 +46,8 @@ def make_fedphd(data, num_devices=1, mode='map', chunk_size=None, **kw):
       data, num_devices, name='fedphd',
       **{'hierarchy': hierarchy(**kw), 'federation.mode': mode,
          'federation.chunk_size': chunk_size or 0,
-         'federation.num_clients': NUM_CLIENTS})
+         'federation.num_clients': NUM_CLIENTS,
+         'federation.clients_per_round': len(ROUND_IDS[0])})
 
 
 def slots(ids, algorithm, sharded):
@@ -262,12 +263,13 @@ def test_shared_optimizer_state_in_fedphds_loop_order():
   optimizer): clients ordered edge by edge, by id within an edge, on 8
   devices against the loops."""
   data = make_data()
+  ids = ROUND_IDS[:3]
   algorithm, sharded = lib.make_algorithm(
       data, 8, name='fedphd',
       **{'hierarchy': hierarchy(), 'federation.mode': 'vmap',
          'federation.num_clients': NUM_CLIENTS,
+         'federation.clients_per_round': len(ids[0]),
          'client_optimizer.shared_state': True})
-  ids = ROUND_IDS[:3]
   state, metrics, _ = lib.run_rounds(algorithm, sharded, ids)
   ref = reference_run(data, ids, algorithm.hierarchy, shared_state=True)
   drawn = [client_edges(m, r_ids, algorithm, sharded)

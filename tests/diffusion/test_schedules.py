@@ -16,12 +16,16 @@ diffusers = testlib.reference_module('diffusers')
 
 
 @pytest.mark.parametrize('num_timesteps', [1000, 40])
-@pytest.mark.parametrize('name,hf_name', [('linear', 'linear'),
-                                          ('cosine', 'squaredcos_cap_v2')])
-def test_schedule_matches_diffusers(name, hf_name, num_timesteps):
-  ours = diffusion.make_schedule(name, num_timesteps)
+@pytest.mark.parametrize('name,hf_name,betas', [
+    ('linear', 'linear', {}), ('cosine', 'squaredcos_cap_v2', {}),
+    ('scaled_linear', 'scaled_linear', {}),
+    # LDM's LSUN-Church schedule (configs/lsun_church_ldm.py).
+    ('scaled_linear', 'scaled_linear', dict(beta_start=0.0015,
+                                            beta_end=0.0155))])
+def test_schedule_matches_diffusers(name, hf_name, betas, num_timesteps):
+  ours = diffusion.make_schedule(name, num_timesteps, **betas)
   ref = diffusers.DDPMScheduler(num_train_timesteps=num_timesteps,
-                                beta_schedule=hf_name)
+                                beta_schedule=hf_name, **betas)
   assert ours.num_timesteps == num_timesteps
   for field in ('betas', 'alphas', 'alphas_cumprod'):
     value = getattr(ours, field)

@@ -17,6 +17,7 @@ from fedjax_diff import models
 from fedjax_diff import trainer
 from fedjax_diff.diffusion import make_schedule
 from fedjax_diff.evaluators import _generative
+from fedjax_diff.evaluators import base
 
 
 @pytest.fixture(scope='module')
@@ -60,8 +61,9 @@ def test_denoising_loss_judges_the_chosen_model(setup):
 
 def test_samples_come_from_the_chosen_model(setup):
   ctx, a, b = setup
-  cfg = ml_collections.ConfigDict(dict(num_samples=8, batch_size=8,
-                                      num_steps=2))
+  cfg = base.parse(ml_collections.ConfigDict(dict(num_samples=8, batch_size=8,
+                                                 num_steps=2)),
+                   _generative.FIELDS, 'config.evaluators.fid')
   raw = _generative.Generator(cfg, dataclasses.replace(ctx, params='raw'))
   ema = _generative.Generator(cfg, ctx)
   got = raw(_state(a, b), 1)

@@ -185,6 +185,12 @@ def _sgd_cfg(learning_rate=1e-2, momentum=0.9):
       grad_clip=0.0, momentum=momentum))
 
 
+def _negated(transform):
+  """`transform` followed by u ↦ −u: SGD at learning rate 1 (u ↦ −u) then
+  negated is the identity (a learning rate must be > 0 in a config)."""
+  return optax.chain(transform, optax.scale(-1.0))
+
+
 def _minus_one(step):
   """The neutral learning rate of a `u ↦ −lr·u` transform."""
   del step
@@ -243,8 +249,8 @@ CLIENT_TRANSFORMS = [
     ClientCase('client_adam_prox_clip',
                lambda: optimizers.client_optimizer(
                    _adam_cfg(), [proximal_lib.proximal(0.1)]),
-               lambda: optimizers.client_optimizer(
-                   _sgd_cfg(-1.0, 0.0), [proximal_lib.proximal(0.0)]),
+               lambda: _negated(optimizers.client_optimizer(
+                   _sgd_cfg(1.0, 0.0), [proximal_lib.proximal(0.0)])),
                False, (optimizers.client_optimizer, proximal_lib.proximal),
                mixed_out_dtype=F32),
     ClientCase('client_sgdm_lasso_mask',
@@ -252,10 +258,10 @@ CLIENT_TRANSFORMS = [
                    _sgd_cfg(), [pruning.group_lasso(TINY_GROUPS, 1e-3),
                                 pruning.mask_transform(TINY_GROUPS,
                                                        TINY_KEEP)]),
-               lambda: optimizers.client_optimizer(
-                   _sgd_cfg(-1.0, 0.0),
+               lambda: _negated(optimizers.client_optimizer(
+                   _sgd_cfg(1.0, 0.0),
                    [pruning.group_lasso(TINY_GROUPS, 0.0),
-                    pruning.mask_transform(TINY_GROUPS, TINY_ALL)]),
+                    pruning.mask_transform(TINY_GROUPS, TINY_ALL)])),
                False, (optimizers.client_optimizer, pruning.group_lasso,
                        pruning.mask_transform),
                mixed_out_dtype=F32),

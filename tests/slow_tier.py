@@ -1,0 +1,94 @@
+"""Writes tests/slow_tests.txt, the slow tier, from a pytest durations log.
+
+The README's test command (and CI) runs the fast tier: every test except those
+listed in tests/slow_tests.txt, which tests/conftest.py skips unless pytest is
+given --slow. A test is slow when its setup, call and teardown took
+--threshold seconds or more in a full run on the 2-core CPU machine; the
+tests of KEEP stay in the fast tier whatever they take (the end-to-end
+trainer run and its resume, bf16 mixed precision), and so does the fastest
+case of each parametrized test when it takes under 1.5 × the threshold.
+
+  python -m pytest -q -n 2 tests --slow --durations=0 -p no:cacheprovider \
+      > /tmp/durations.txt
+  python -m pytest -q -n 2 tests --durations=0 -p no:cacheprovider \
+      > /tmp/durations_fast.txt
+  python tests/slow_tier.py /tmp/durations.txt /tmp/durations_fast.txt
+
+A module-scoped fixture's setup is charged to the first test that uses it,
+and its neighbours would pay it in the fast tier: when a test's setup alone
+reaches the threshold, its whole module is slow.
+"""
+
+import argparse
+import collections
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATH = os.path.join(HERE, 'slow_tests.txt')
+KEEP = ('tests/test_trainer.py::', 'tests/models/test_mixed_precision.py::')
+_LINE = re.compile(r'([\d.]+)s (call|setup|teardown)\s+(.+?)\s*$')
+
+
+def slow_tests(logs: list[str],
+               threshold: float) -> list[tuple[float, str]]:
+  """(seconds, node id) of the tests at or over `threshold`, slowest first.
+
+  A test's seconds are the most it took in any of `logs`: a test that reused
+  a compilation another test had cached pays for it when that one moves to
+  the slow tier, which a log of the fast tier alone shows.
+  """
+  seconds = collections.Counter()
+  slow_modules = set()
+  for log in logs:
+    in_log = collections.Counter()
+    with open(log) as f:
+      for line in f:
+        m = _LINE.match(line)
+        if m:
+          t, phase, node = float(m.group(1)), m.group(2), m.group(3)
+          in_log[node] += t
+          if phase == 'setup' and t >= threshold:
+            slow_modules.add(node.split('::')[0])
+    for node, t in in_log.items():
+      seconds[node] = max(seconds[node], t)
+  slow = {n: t for n, t in seconds.items()
+          if (t >= threshold or n.split('::')[0] in slow_modules)
+          and not n.startswith(KEEP)}
+  # A parametrized test keeps its fastest case in the fast tier.
+  families = collections.defaultdict(list)
+  for n, t in seconds.items():
+    if '[' in n:
+      families[n.split('[')[0]].append((t, n))
+  for cases in families.values():
+    t, fastest = min(cases)
+    if all(n in slow for _, n in cases) and t < 1.5 * threshold:
+      del slow[fastest]
+  return sorted(((t, n) for n, t in slow.items()), reverse=True)
+
+
+def read() -> set[str]:
+  """The node ids listed in tests/slow_tests.txt."""
+  with open(PATH) as f:
+    return {line.split('#')[0].strip() for line in f
+            if line.strip() and not line.startswith('#')}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('logs', nargs='+', help='outputs of pytest '
+                      '--durations=0, one of them with --slow')
+  parser.add_argument('--threshold', type=float, default=20.0)
+  args = parser.parse_args()
+  slow = slow_tests(args.logs, args.threshold)
+  with open(PATH, 'w') as f:
+    f.write(f'# The slow tier: tests over {args.threshold:g} s in a full run '
+            'on 2 CPU cores\n# (seconds measured then). Written by '
+            'tests/slow_tier.py; run them with --slow.\n')
+    for t, node in slow:
+      f.write(f'{node}  # {t:.0f}\n')
+  print(f'{len(slow)} slow tests ({sum(t for t, _ in slow):.0f} s) -> {PATH}')
+
+
+if __name__ == '__main__':
+  main()
