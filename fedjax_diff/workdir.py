@@ -398,7 +398,9 @@ def load_run(workdir: str, step: Optional[int] = None):
   Returns:
     (config, state): the ConfigDict of config.json, and a namespace with
     `params`, `ema_params` and `round` of checkpoint `step` (default: the
-    latest), restored as saved.
+    latest), restored with their saved shardings where this process has
+    those devices, else whole on its first device (a run of several
+    processes read back by one).
 
   Raises:
     FileNotFoundError: no config.json, or no such checkpoint.
@@ -416,7 +418,9 @@ def load_run(workdir: str, step: Optional[int] = None):
     raise FileNotFoundError(
         f'no checkpoint {"" if step is None else step} in {workdir}/'
         f'checkpoints (steps there: {list(manager.all_steps())}).')
-  raw = manager.restore(step, args=ocp.args.StandardRestore())
+  raw = manager.restore(step, args=ocp.args.StandardRestore(
+      fallback_sharding=jax.sharding.SingleDeviceSharding(
+          jax.local_devices()[0])))
   manager.close()
   return config, types.SimpleNamespace(params=raw['params'],
                                        ema_params=raw['ema_params'],

@@ -30,13 +30,13 @@ if _cache:
 
 
 def pytest_configure(config):
-  # CI (.ci/run) runs the whole suite on Python 3.12 with the newest jax, and
-  # on Python 3.11 (jax 0.10.2, the tested minimum) only the tests marked
-  # py311: those against the torch references, which are installed on 3.11
-  # alone (setup.py), and the quickstart notebook end to end.
+  # CI (.ci/run) runs each test once: on Python 3.12 with the newest jax the
+  # fast tier less the tests marked py311, and on Python 3.11 (jax 0.10.2,
+  # the tested minimum) those marked py311, the tests against the torch
+  # references, which are installed on 3.11 alone (setup.py).
   config.addinivalue_line(
-      'markers', 'py311: also run by CI on Python 3.11 (jax 0.10.2): the '
-      'torch references and the quickstart notebook.')
+      'markers', 'py311: run by CI on Python 3.11 (jax 0.10.2) only: the '
+      'torch references.')
 
 
 # The slow tier (tests/slow_tests.txt, written by tests/slow_tier.py from a

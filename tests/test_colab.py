@@ -9,7 +9,6 @@ import re
 
 import nbclient
 import nbformat
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'colab', 'quickstart.ipynb')
@@ -20,7 +19,6 @@ def _text(cell) -> str:
       'text/plain', '')) for o in cell.get('outputs', []))
 
 
-@pytest.mark.py311  # the quickstart end to end on jax 0.10.2 too
 def test_quickstart_notebook_runs_in_a_kernel(tmp_path, monkeypatch):
   workdir = tmp_path / 'workdir'
   # The kernel inherits this environment (and conftest's 8 CPU devices).
