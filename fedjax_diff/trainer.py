@@ -310,7 +310,7 @@ def diverged(config, workdir: str, manager, round_idx: int,
   checkpoint (every checkpoint is finite: `save_checkpoint` refuses
   others)."""
   last = manager.latest_step()
-  where = (f'the last finite checkpoint is {os.path.abspath(workdir)}/'
+  where = (f'the last finite checkpoint is {workdir_lib.absolute(workdir)}/'
            f'checkpoints/{last} (round {last})' if last is not None else
            'no checkpoint was written before it')
   copt, sopt = config.client_optimizer, config.server_optimizer
