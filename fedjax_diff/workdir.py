@@ -435,10 +435,19 @@ def samples_dir(workdir: str) -> str:
 
 
 def all_files(workdir: str) -> Iterable[str]:
+  """Paths of the files under `workdir`, relative to it.
+
+  Walked one folder at a time (`iterdir`): newer etils refuse a recursive
+  glob (`rglob`) on any path they back with their gfile layer.
+  """
   root = epath.Path(workdir)
-  for path in root.rglob('*'):
-    if path.is_file():
-      yield os.fspath(path.relative_to(root))
+  folders = [root]
+  while folders:
+    for path in folders.pop().iterdir():
+      if path.is_dir():
+        folders.append(path)
+      else:
+        yield os.fspath(path.relative_to(root))
 
 
 def absolute(workdir) -> epath.Path:
