@@ -24,6 +24,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_diff import host_devices
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
@@ -32,6 +34,8 @@ _JAX_CACHE = flags.DEFINE_string(
     'jax_cache_dir', os.path.join('~', '.cache', 'fedjax_diff', 'jax'),
     'Persistent XLA compilation cache: a second run of the same config (or a '
     'resume) skips compiling the round and the evaluators. Empty disables it.')
+_CPU_DEVICES = flags.DEFINE_string('cpu_devices', 'auto',
+                                   host_devices.FLAG_HELP)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -88,6 +92,15 @@ def parse_flags(argv):
   return args
 
 
+def _clients_per_round(config) -> int:
+  """The config's clients per round, or 1 where it does not say (the
+  trainer reports a bad value itself)."""
+  try:
+    return max(1, int(config.federation.clients_per_round))
+  except (AttributeError, KeyError, TypeError, ValueError):
+    return 1
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; every option is a flag, e.g. '
@@ -100,6 +113,11 @@ def main(argv):
   # TF is used for data and summaries only: keep it off accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  try:
+    host_devices.configure(_CPU_DEVICES.value,
+                           _clients_per_round(_CONFIG.value))
+  except ValueError as e:
+    fail(str(e))
   if _JAX_CACHE.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir',
