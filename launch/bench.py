@@ -603,8 +603,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
       raise ValueError(
           f'--devices={",".join(map(str, sizes))}: {n} is not in 1..'
           f'{len(all_devices)}, the {all_devices[0].platform} devices this '
-          'process has (on CPU, XLA_FLAGS=--xla_force_host_platform_device_'
-          'count=K gives K).')
+          'process has (on CPU, --cpu_devices=K gives K).')
   dtypes = list(dtypes or [config.model.get('dtype', 'float32')])
   for d in dtypes:
     models.unet.compute_dtype(d)  # Refuses an unknown name now.
@@ -649,7 +648,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
     else:
       for s in setups.values():
         for c in (chunk_sizes if mode == 'chunked' else [None]):
-          if c is not None and (int(c) < 1 or s.slots_per_device % int(c)):
+          if c is not None and (c < 1 or s.slots_per_device % c):
             msg = (f'chunked: skipping chunk_size={c} on {s.mesh.size} '
                    f'device(s), which does not divide the '
                    f'{s.slots_per_device} client slot(s) per device.')
@@ -657,9 +656,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
             skipped.append(msg)
             continue
           for d in dtypes:
-            contenders.append(prepare_jitted(
-                s, mode, None if c is None else int(c), rounds_warmup, d,
-                memory))
+            contenders.append(prepare_jitted(s, mode, c, rounds_warmup, d,
+                                             memory))
   if peer == 'torch':
     import torch_peer  # pylint: disable=g-import-not-at-top
     why = torch_peer.available()
@@ -773,7 +771,7 @@ def main(argv):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   try:
     host_devices.configure(_CPU_DEVICES.value,
-                           int(config.federation.clients_per_round))
+                           host_devices.clients_per_round(config))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):

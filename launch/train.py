@@ -92,15 +92,6 @@ def parse_flags(argv):
   return args
 
 
-def _clients_per_round(config) -> int:
-  """The config's clients per round, or 1 where it does not say (the
-  trainer reports a bad value itself)."""
-  try:
-    return max(1, int(config.federation.clients_per_round))
-  except (AttributeError, KeyError, TypeError, ValueError):
-    return 1
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; every option is a flag, e.g. '
@@ -115,7 +106,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   try:
     host_devices.configure(_CPU_DEVICES.value,
-                           _clients_per_round(_CONFIG.value))
+                           host_devices.clients_per_round(_CONFIG.value))
   except ValueError as e:
     fail(str(e))
   if _JAX_CACHE.value:

@@ -47,3 +47,14 @@ def test_a_fresh_process_gets_the_devices_it_asks_for():
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
       check=True)
   assert proc.stdout.split() == ['3', '3', 'cpu']
+
+
+def test_clients_per_round_of_a_config_or_1():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(
+      {'federation': {'clients_per_round': 7}})
+  assert host_devices.clients_per_round(config) == 7
+  config = ml_collections.ConfigDict(
+      {'federation': {'clients_per_round': 'many'}})
+  assert host_devices.clients_per_round(config) == 1
+  assert host_devices.clients_per_round(ml_collections.ConfigDict()) == 1
