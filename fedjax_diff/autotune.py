@@ -7,12 +7,13 @@ over per-client weights is a grouped convolution, fast on some backends and
 very slow on others (jax issues 13800 and 26568). So on the first run the
 trainer measures: for each candidate it builds the run's algorithm with that
 mode and a few local steps, compiles its round on the real shapes (model,
-data, slots), times `repeats` rounds after a warm-up one, and keeps the
-fastest per local step. The choice is cached in
+data, slots), times `repeats` rounds of every candidate interleaved after a
+warm-up one, and keeps the fastest per local step. The choice is cached in
 `<cache_dir>/autotune.json` under a key of everything it depends on
 (backend, device kind and count, jax version, algorithm, model parameter
 shapes, data shape, slots per device, batch size, compute dtype), so later
-runs and resumes on the same machine reuse it without measuring.
+runs and resumes on the same machine reuse it without measuring, unless
+the machine was busy with other work while it measured.
 """
 
 import dataclasses
@@ -78,29 +79,50 @@ def _with_mode(run: algorithms.Run, mode: str, chunk_size: Optional[int],
 
 
 def measure(run: algorithms.Run, algorithm: str, params, client_ids,
-            mode: str, chunk_size: Optional[int], *, local_steps: int = 2,
-            repeats: int = 2) -> dict:
-  """Compiles and times the round of `algorithm` in one mode: {'mode',
-  'chunk_size', 'compile_s', 'seconds_per_step'} (the median over
-  `repeats` rounds after a warm-up round)."""
-  alg = algorithms.build(algorithm, _with_mode(run, mode, chunk_size,
-                                               local_steps))
-  state = alg.initial_state(params, jax.random.PRNGKey(0))
-  slots = federation.round_slots(client_ids, run.mesh.size,
-                                 run.data.num_clients,
-                                 alg.slots_per_device)
-  t = time.perf_counter()
-  round_fn = alg.make_round().lower(state, run.data, *slots).compile()
-  compile_s = time.perf_counter() - t
-  seconds = []
-  for r in range(repeats + 1):
+            modes: list[tuple[str, Optional[int]]], *, local_steps: int = 2,
+            repeats: int = 2) -> list[dict]:
+  """Compiles the round of `algorithm` in each (mode, chunk_size) of
+  `modes`, then times them interleaved: a warm-up round of each, then round
+  r of each for r < `repeats`, so that a change in the machine's load falls
+  on all of them alike. Returns one {'mode', 'chunk_size', 'compile_s',
+  'seconds_per_step'} per mode (the median round over local steps)."""
+  prepared = []
+  for mode, chunk_size in modes:
+    alg = algorithms.build(algorithm, _with_mode(run, mode, chunk_size,
+                                                 local_steps))
+    state = alg.initial_state(params, jax.random.PRNGKey(0))
+    slots = federation.round_slots(client_ids, run.mesh.size,
+                                   run.data.num_clients,
+                                   alg.slots_per_device)
     t = time.perf_counter()
-    state, metrics = round_fn(state, run.data, *slots)
-    jax.block_until_ready((state, metrics))
-    if r:
-      seconds.append(time.perf_counter() - t)
-  return dict(mode=mode, chunk_size=chunk_size, compile_s=compile_s,
-              seconds_per_step=float(np.median(seconds)) / local_steps)
+    round_fn = alg.make_round().lower(state, run.data, *slots).compile()
+    prepared.append(dict(mode=mode, chunk_size=chunk_size,
+                         compile_s=time.perf_counter() - t, fn=round_fn,
+                         state=state, slots=slots, seconds=[]))
+  for r in range(repeats + 1):
+    for p in prepared:
+      t = time.perf_counter()
+      p['state'], metrics = p['fn'](p['state'], run.data, *p['slots'])
+      jax.block_until_ready((p['state'], metrics))
+      if r:  # Round 0 warms up.
+        p['seconds'].append(time.perf_counter() - t)
+  return [dict(mode=p['mode'], chunk_size=p['chunk_size'],
+               compile_s=p['compile_s'],
+               seconds_per_step=float(np.median(p['seconds'])) / local_steps)
+          for p in prepared]
+
+
+def machine_busy() -> Optional[str]:
+  """Why timings taken now would not hold later (other work on the machine:
+  a 1-minute load average above the cores), or None."""
+  try:
+    load = os.getloadavg()[0]
+  except OSError:
+    return None
+  cores = os.cpu_count() or 1
+  if load > cores:
+    return f'load average {load:.1f} on {cores} core(s)'
+  return None
 
 
 def choose(run: algorithms.Run, algorithm: str, params, client_ids,
@@ -108,6 +130,10 @@ def choose(run: algorithms.Run, algorithm: str, params, client_ids,
            log: Callable[[str], None] = print,
            **measure_kwargs) -> tuple[str, Optional[int]]:
   """The fastest (mode, chunk_size) for `run`, measured once and cached.
+
+  A choice measured while the machine was busy with other work
+  (`machine_busy`) is used for this run but not cached: under load a
+  vectorized mode can time faster or slower than it runs alone.
 
   Args:
     run: the run (its config's mode is ignored).
@@ -135,10 +161,10 @@ def choose(run: algorithms.Run, algorithm: str, params, client_ids,
     return candidates(slots_per_device)[0]
   log(f"Execution mode 'auto': measuring the candidates on the real shapes "
       f'({slots_per_device} client slot(s) per device)...')
-  host_params = jax.device_get(params)
-  results = [measure(run, algorithm, host_params, client_ids, m, c,
-                     **measure_kwargs)
-             for m, c in candidates(slots_per_device)]
+  busy = machine_busy()
+  results = measure(run, algorithm, jax.device_get(params), client_ids,
+                    candidates(slots_per_device), **measure_kwargs)
+  busy = busy or machine_busy()
   best = min(results, key=lambda r: r['seconds_per_step'])
   lines = ['| mode | chunk | compile s | ms per local step |',
            '|---|---|---|---|']
@@ -147,7 +173,10 @@ def choose(run: algorithms.Run, algorithm: str, params, client_ids,
             for r in results]
   log('\n'.join(lines))
   log(f"Execution mode 'auto': {_name(best)} is the fastest.")
-  if path:
+  if busy:
+    log(f"Execution mode 'auto': not cached, measured under other work "
+        f'({busy}); the next run measures again.')
+  elif path:
     os.makedirs(cache, exist_ok=True)
     table[key] = dict(best, measured=results)
     tmp = f'{path}.{os.getpid()}.tmp'

@@ -72,6 +72,7 @@ from fedjax_diff import algorithms
 from fedjax_diff import client as client_lib
 from fedjax_diff import experiment
 from fedjax_diff import federation
+from fedjax_diff import host_devices
 from fedjax_diff import models
 from fedjax_diff import state as state_lib
 
@@ -97,10 +98,13 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed rounds per mode.',
 _ROUNDS_WARMUP = flags.DEFINE_integer(
     'rounds_warmup', 1, 'Untimed rounds per mode after compilation.',
     lower_bound=0)
-_DEVICES = flags.DEFINE_integer(
-    'devices', None, 'Use the first N devices for the client mesh (default: '
-    "all). 'loop', 'central' and the peer run on the first device.",
-    lower_bound=1)
+_DEVICES = flags.DEFINE_list(
+    'devices', None, 'Client mesh sizes: the jitted modes run on a mesh of '
+    'the first N devices for each N listed, e.g. 1,2 (default: all devices). '
+    "'loop', 'central' and the peer run on the first device. A CPU host "
+    'has --cpu_devices devices.')
+_CPU_DEVICES = flags.DEFINE_string('cpu_devices', 'auto',
+                                   host_devices.FLAG_HELP)
 _MEMORY = flags.DEFINE_bool(
     'memory', False, 'Also compile each jitted mode with one more client '
     'slot per device: memory per client and clients per device that fit.')
@@ -572,7 +576,8 @@ def prepare_torch(setup: Setup, warmup: int) -> Contender:
 def run_benchmark(config: ml_collections.ConfigDict, *,
                   modes: Sequence[str] = ALL_MODES,
                   chunk_sizes: Sequence[int] = (2, 4), repeats: int = 3,
-                  rounds_warmup: int = 1, num_devices: Optional[int] = None,
+                  rounds_warmup: int = 1,
+                  num_devices: Optional[Sequence[int]] = None,
                   peer: str = 'none', dtypes: Optional[Sequence[str]] = None,
                   memory: bool = False,
                   random_data: Optional[tuple[tuple[int, ...], int]] = None,
@@ -591,19 +596,26 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
   if peer not in PEERS:
     raise ValueError(f'--peer={peer}: use one of {PEERS}.')
   all_devices = jax.devices()
-  n = len(all_devices) if num_devices is None else int(num_devices)
-  if not 1 <= n <= len(all_devices):
-    raise ValueError(f'--devices={n}, but there are {len(all_devices)} '
-                     f'{all_devices[0].platform} devices.')
+  sizes = [len(all_devices)] if not num_devices else [
+      int(n) for n in num_devices]
+  for n in sizes:
+    if not 1 <= n <= len(all_devices):
+      raise ValueError(
+          f'--devices={",".join(map(str, sizes))}: {n} is not in 1..'
+          f'{len(all_devices)}, the {all_devices[0].platform} devices this '
+          'process has (on CPU, --cpu_devices=K gives K).')
   dtypes = list(dtypes or [config.model.get('dtype', 'float32')])
   for d in dtypes:
     models.unet.compute_dtype(d)  # Refuses an unknown name now.
-  setup = Setup(config, all_devices[:n], rounds_warmup + repeats,
-                random_data)
+  # One setup (data sharded on its mesh) per mesh size; the first also
+  # serves the loop, the centralized limit and the peer.
+  setups = {n: Setup(config, all_devices[:n], rounds_warmup + repeats,
+                     random_data) for n in dict.fromkeys(sizes)}
+  setup = setups[sizes[0]]
   header = {
       'platform': all_devices[0].platform,
       'device_kind': all_devices[0].device_kind,
-      'devices': n,
+      'devices': sizes,
       'devices_available': len(all_devices),
       'jax_version': jax.__version__,
       'python_version': platform_lib.python_version(),
@@ -614,7 +626,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
       'train_flops_per_example': setup.flops_per_example,
       'num_clients': setup.num_clients,
       'clients_per_round': setup.clients_per_round,
-      'slots_per_device': setup.slots_per_device,
+      'slots_per_device': {n: s.slots_per_device for n, s in setups.items()},
       'local_steps': setup.local_steps,
       'batch_size': setup.batch_size,
       'examples_per_round': setup.examples_per_round,
@@ -633,22 +645,19 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
       contenders.append(prepare_loop(setup, rounds_warmup))
     elif mode == 'central':
       contenders.append(prepare_central(setup, rounds_warmup))
-    elif mode == 'chunked':
-      for c in chunk_sizes:
-        c = int(c)
-        if c < 1 or setup.slots_per_device % c:
-          msg = (f'chunked: skipping chunk_size={c}, which does not divide '
-                 f'the {setup.slots_per_device} client slot(s) per device.')
-          log(msg)
-          skipped.append(msg)
-          continue
-        for d in dtypes:
-          contenders.append(prepare_jitted(setup, mode, c, rounds_warmup, d,
-                                           memory))
     else:
-      for d in dtypes:
-        contenders.append(prepare_jitted(setup, mode, None, rounds_warmup, d,
-                                         memory))
+      for s in setups.values():
+        for c in (chunk_sizes if mode == 'chunked' else [None]):
+          if c is not None and (c < 1 or s.slots_per_device % c):
+            msg = (f'chunked: skipping chunk_size={c} on {s.mesh.size} '
+                   f'device(s), which does not divide the '
+                   f'{s.slots_per_device} client slot(s) per device.')
+            log(msg)
+            skipped.append(msg)
+            continue
+          for d in dtypes:
+            contenders.append(prepare_jitted(s, mode, c, rounds_warmup, d,
+                                             memory))
   if peer == 'torch':
     import torch_peer  # pylint: disable=g-import-not-at-top
     why = torch_peer.available()
@@ -673,7 +682,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *,
     flops = (None if setup.flops_per_example is None else
              setup.flops_per_example * r['client_examples_per_second'])
     peak = header['peak_flops'].get(r['dtype'], {}).get('flops')
-    devices = r['devices']
+    # A CPU host's fake devices share its cores: its peak is the host's.
+    devices = 1 if header['platform'] == 'cpu' else r['devices']
     r['tflops'] = None if flops is None else flops / 1e12
     r['mfu'] = (None if flops is None or not peak else
                 flops / (peak * devices))
@@ -692,15 +702,18 @@ def header_line(header: dict[str, Any]) -> str:
       f"{d}: {_fmt(None if p['flops'] is None else p['flops'] / 1e12, '.2f')} "
       f"TFLOP/s ({p['source']})"
       for d, p in header.get('peak_flops', {}).items())
+  slots = ', '.join(f'{k} on a mesh of {n}'
+                    for n, k in header['slots_per_device'].items())
   return (f"{header['platform']} ({header['device_kind']}), "
-          f"{header['devices']} of {header['devices_available']} device(s), "
+          f"client meshes of {', '.join(map(str, header['devices']))} of "
+          f"{header['devices_available']} device(s), "
           f"jax {header['jax_version']}, config {header['config'] or '?'}"
           f"{' on random data' if header.get('random_data') else ''}, "
           f"{header['param_count']:,} model parameters, "
           f"{_fmt(None if flops is None else flops / 1e9, '.3f')} GFLOP per "
           f"training example; "
           f"{header['clients_per_round']} of {header['num_clients']} clients "
-          f"per round ({header['slots_per_device']} slot(s) per device), "
+          f"per round (slots per device: {slots}), "
           f"{header['local_steps']} local steps of batch "
           f"{header['batch_size']}. Peak: {peaks or '—'}.")
 
@@ -756,6 +769,11 @@ def main(argv):
   if config is None:
     raise app.UsageError('--config is required.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  try:
+    host_devices.configure(_CPU_DEVICES.value,
+                           host_devices.clients_per_round(config))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)
   random_data = None

@@ -34,6 +34,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_diff import host_devices
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
@@ -54,6 +56,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'jax.distributed.initialize: auto = when the three flags above are given '
     'or jax detects a cluster (Cloud TPU pod, SLURM); on = always (jax '
     'detects what is not given); off = never.')
+_CPU_DEVICES = flags.DEFINE_string('cpu_devices', 'auto',
+                                   host_devices.FLAG_HELP)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -122,6 +126,11 @@ def main(argv):
   # TF is used for data and summaries only: keep it off accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
+  try:
+    host_devices.configure(_CPU_DEVICES.value,
+                           host_devices.clients_per_round(_CONFIG.value))
+  except ValueError as e:
+    fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
   from fedjax_diff import runtime  # pylint: disable=g-import-not-at-top
   distributed = runtime.distributed_args(

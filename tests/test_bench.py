@@ -43,32 +43,37 @@ SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
 def test_bench_against_loop_central_and_torch(tmp_path, capsys, monkeypatch):
   pytest.importorskip('torch', reason=testlib.NO_TORCH)
   output = tmp_path / 'bench.json'
-  # 3 clients on 2 devices: 2 slots per device, so chunk size 3 is skipped
-  # (and costs no compilation).
+  # 3 clients on meshes of 2 and 1 devices: 2 and 3 slots per device, so
+  # chunk size 4 is skipped on both (and costs no compilation).
   stdout = _run_bench(
-      ['bench.py', f'--config={CONFIG}', *SMALL, '--devices=2',
-       '--modes=vmap,chunked,loop,central', '--chunk_sizes=3', '--peer=torch',
+      ['bench.py', f'--config={CONFIG}', *SMALL, '--devices=2,1',
+       '--modes=vmap,chunked,loop,central', '--chunk_sizes=4', '--peer=torch',
        '--memory', '--repeats=2', '--rounds_warmup=0', f'--output={output}'],
       monkeypatch, capsys)
   rows = _table_rows(stdout)
-  assert [r['mode'] for r in rows] == ['vmap', 'loop', 'central', 'torch']
-  assert [r['devices'] for r in rows] == ['2', '1', '1', '1']
+  assert [r['mode'] for r in rows] == ['vmap', 'vmap', 'loop', 'central',
+                                        'torch']
+  assert [r['devices'] for r in rows] == ['2', '1', '1', '1', '1']
   for r in rows:
     throughput = float(r['client examples/s'].replace(',', ''))
     assert math.isfinite(throughput) and throughput > 0
     assert float(r['vs loop']) > 0 and float(r['vs torch']) > 0
     assert float(r['vs central']) > 0
-  assert 'skipping chunk_size=3' in stdout
+  assert 'skipping chunk_size=4 on 2 device(s)' in stdout
+  assert 'skipping chunk_size=4 on 1 device(s)' in stdout
 
   report = json.loads(output.read_text())
   header = report['header']
-  assert header['devices'] == 2 and header['param_count'] > 0
+  assert header['devices'] == [2, 1] and header['param_count'] > 0
+  assert header['slots_per_device'] == {'2': 2, '1': 3}
   assert header['config'].endswith('test.py')
   assert header['train_flops_per_example'] > 0
   cpu_peak = header['peak_flops']['float32']
   assert cpu_peak['flops'] > 0 and 'measured' in cpu_peak['source']
-  results = {r['mode']: r for r in report['results']}
-  for r in results.values():
+  vmap_on_1 = [r for r in report['results']
+               if r['mode'] == 'vmap' and r['devices'] == 1]
+  results = {r['mode']: r for r in report['results'] if r not in vmap_on_1}
+  for r in [*results.values(), *vmap_on_1]:
     assert len(r['seconds']) == 2
     assert r['client_examples_per_second'] > 0 and r['compile_s'] >= 0
     assert r['tflops'] > 0 and 0 < r['mfu']
@@ -86,8 +91,10 @@ def test_bench_against_loop_central_and_torch(tmp_path, capsys, monkeypatch):
   assert 0.2 < results['torch']['first_round_loss'] < 5.0
   # Both start from the same state and train the same clients with the same
   # keys: the loop does the same work as the jitted round.
-  assert results['vmap']['first_round_loss'] == pytest.approx(
-      results['loop']['first_round_loss'], rel=1e-4)
+  # The clients sharded over 2 devices or all on 1 do the same work too.
+  for r in (results['vmap'], *vmap_on_1):
+    assert r['first_round_loss'] == pytest.approx(
+        results['loop']['first_round_loss'], rel=1e-4)
 
 
 def test_bench_on_random_data_in_two_dtypes(capsys, monkeypatch):

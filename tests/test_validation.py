@@ -184,6 +184,10 @@ def test_flag_errors(tmp_path, capsys):
                          'extra'], capsys)
   assert code == 2 and "unexpected arguments ['extra']" in err
   assert not (tmp_path / 'w').exists()
+  code, err = run_train([f'--config={TEST}', f'--workdir={tmp_path}/w',
+                         '--cpu_devices=0'], capsys)
+  assert code == 2 and "--cpu_devices=0: use 'auto' or a positive" in err
+  assert not (tmp_path / 'w').exists()
 
 
 def test_workdir_problems_touch_nothing(tmp_path, capsys):
