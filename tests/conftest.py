@@ -31,9 +31,10 @@ if _cache:
 
 def pytest_configure(config):
   # CI (.ci/run) runs each test once: on Python 3.12 with the newest jax the
-  # fast tier less the tests marked py311, and on Python 3.11 (jax 0.10.2,
-  # the tested minimum) those marked py311, the tests against the torch
-  # references, which are installed on 3.11 alone (setup.py).
+  # README's command, where the tests marked py311 skip themselves (torch is
+  # installed on 3.11 alone, setup.py), and on Python 3.11 (jax 0.10.2, the
+  # tested minimum) those marked py311, the tests against the torch
+  # references.
   config.addinivalue_line(
       'markers', 'py311: run by CI on Python 3.11 (jax 0.10.2) only: the '
       'torch references.')
