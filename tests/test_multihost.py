@@ -15,8 +15,9 @@ resumed state would fail it.
 
 It takes minutes (five process starts and three compilations on 2 cores:
 325 s on jax 0.10.2 and 365 s on jax 0.12 with the machine shared with other
-work, load about 5), so it is in the slow tier (tests/slow_tests.txt), and
-.ci/run runs it by name.
+work, load about 5). CI must run it, so it stays in the fast tier
+(tests/slow_tier.py's KEEP); under `-n 2` one worker runs it while the other
+goes on with the rest.
 """
 
 import os
