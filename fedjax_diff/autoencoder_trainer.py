@@ -36,6 +36,7 @@ import os
 import time
 from typing import Callable
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -209,9 +210,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
           f'PSNR {row["test_psnr"]:.2f} dB ({time.perf_counter() - t:.1f}s)')
       if workdir_lib.is_writer() and n_rec:
         pairs = np.concatenate([test_x[:n_rec], np.clip(out[:n_rec], -1, 1)])
-        path = os.path.join(workdir, 'reconstructions', f'step_{done:06d}.png')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        image_grid.save_grid(pairs, path, nrow=n_rec)
+        path = epath.Path(workdir) / 'reconstructions' / f'step_{done:06d}.png'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid.save_grid(pairs, os.fspath(path), nrow=n_rec)
     if row:
       metrics_log.write(done, row)
     if done == tc.steps or (tc.checkpoint_every > 0 and

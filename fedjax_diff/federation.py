@@ -12,7 +12,10 @@ from typing import Optional, Sequence
 import flax
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_diff import runtime
 
 CLIENTS = 'clients'
 
@@ -62,6 +65,40 @@ class ClientData:
     return self.counts.shape[0]
 
 
+def _client_counts(parts: Sequence[np.ndarray], num_slots: int) -> np.ndarray:
+  """int32 [num_slots]: each client's example count, 0 for padding rows."""
+  if num_slots < len(parts):
+    raise ValueError(f'num_slots={num_slots} < number of clients {len(parts)}.')
+  empty = [i for i, p in enumerate(parts) if len(p) == 0]
+  if empty:
+    raise ValueError(f'Clients {empty} hold no examples; use a partition with '
+                     'min_size >= 1 or fewer clients.')
+  return np.array([len(p) for p in parts] + [0] * (num_slots - len(parts)),
+                  np.int32)
+
+
+def _gather_rows(source: np.ndarray, parts: Sequence[np.ndarray],
+                 start: int, stop: int, max_n: int, dtype) -> np.ndarray:
+  """Client rows [start, stop) of `source` stacked and zero-padded:
+  [stop - start, max_n, ...]. Each client's examples are gathered straight
+  into the output (`np.take(..., out=)`), with no intermediate copy."""
+  out = np.zeros((stop - start, max_n) + source.shape[1:], dtype)
+  for i in range(start, min(stop, len(parts))):
+    idx = np.asarray(parts[i])
+    np.take(source, idx, axis=0, out=out[i - start, :len(idx)])
+  return out
+
+
+def _put_blocks(shape, sharding: NamedSharding, block) -> jax.Array:
+  """A global array of `shape` whose shard at `index` is `block(index)`,
+  made and put on its device one device at a time (so the host never holds
+  more than one block that is not yet on a device), for this process's
+  devices only."""
+  arrays = [jax.device_put(block(index), device) for device, index in
+            sharding.addressable_devices_indices_map(shape).items()]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def stack_clients(images: np.ndarray, labels: np.ndarray,
                   parts: Sequence[np.ndarray],
                   num_slots: Optional[int] = None) -> ClientData:
@@ -79,36 +116,102 @@ def stack_clients(images: np.ndarray, labels: np.ndarray,
     A `ClientData` of numpy arrays.
   """
   num_slots = len(parts) if num_slots is None else num_slots
-  if num_slots < len(parts):
-    raise ValueError(f'num_slots={num_slots} < number of clients {len(parts)}.')
-  empty = [i for i, p in enumerate(parts) if len(p) == 0]
-  if empty:
-    raise ValueError(f'Clients {empty} hold no examples; use a partition with '
-                     'min_size >= 1 or fewer clients.')
-  counts = np.array([len(p) for p in parts] + [0] * (num_slots - len(parts)),
-                    np.int32)
+  counts = _client_counts(parts, num_slots)
   max_n = int(counts.max(initial=1))
-  out_images = np.zeros((num_slots, max_n) + images.shape[1:], images.dtype)
-  out_labels = np.zeros((num_slots, max_n), np.int32)
-  for i, idx in enumerate(parts):
-    out_images[i, :len(idx)] = images[idx]
-    out_labels[i, :len(idx)] = labels[idx]
-  return ClientData(images=out_images, labels=out_labels, counts=counts)
+  return ClientData(
+      images=_gather_rows(images, parts, 0, num_slots, max_n,
+                          images.dtype),
+      labels=_gather_rows(np.asarray(labels, np.int32), parts, 0, num_slots,
+                          max_n, np.int32),
+      counts=counts)
 
 
 def shard_client_data(data: ClientData, mesh: Mesh) -> ClientData:
-  """Pads the client axis to a multiple of the mesh size and shards it."""
+  """Pads the client axis to a multiple of the mesh size and shards it.
+
+  Each device's block is put on its device from a view of `data` (the
+  padding rows are zeros made per block), so the stacked arrays are not
+  copied whole on the host."""
   n = mesh.size
   slots = math.ceil(data.num_clients / n) * n
-  pad = slots - data.num_clients
+  sharding = client_sharding(mesh)
 
-  def pad_and_put(x):
+  def put(x):
     x = np.asarray(x)
-    if pad:
-      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    return jax.device_put(x, client_sharding(mesh))
+    shape = (slots,) + x.shape[1:]
 
-  return jax.tree.map(pad_and_put, data)
+    def block(index):
+      rows = index[0]
+      start, stop = rows.start or 0, slots if rows.stop is None else rows.stop
+      if stop <= x.shape[0]:
+        return x[start:stop]
+      out = np.zeros((stop - start,) + x.shape[1:], x.dtype)
+      out[:max(0, x.shape[0] - start)] = x[start:]
+      return out
+
+    return _put_blocks(shape, sharding, block)
+
+  return jax.tree.map(put, data)
+
+
+def place_clients(images: np.ndarray, labels: np.ndarray,
+                  parts: Sequence[np.ndarray], mesh: Mesh) -> ClientData:
+  """The partition stacked and sharded over `mesh`, as
+  `shard_client_data(stack_clients(...), mesh)` gives, built per device.
+
+  Each process stacks only the client rows its own devices hold (on a
+  multi-host mesh, a host never builds another host's clients), one
+  device's block at a time: the host holds the split plus one block beyond
+  what is on the devices.
+
+  Args:
+    images: [N, H, W, C] examples of the whole dataset (uint8 pixels or
+      float32 latents; the dtype is kept).
+    labels: int [N].
+    parts: one index array per client.
+    mesh: the client mesh; rows are padded to a multiple of its size.
+
+  Returns:
+    A `ClientData` of global arrays sharded over the clients axis.
+  """
+  n = mesh.size
+  num_rows = math.ceil(len(parts) / n) * n
+  counts = _client_counts(parts, num_rows)
+  max_n = int(counts.max(initial=1))
+  sharding = client_sharding(mesh)
+  image_shape = (num_rows, max_n) + tuple(images.shape[1:])
+
+  def rows(index):
+    r = index[0]
+    return r.start or 0, num_rows if r.stop is None else r.stop
+
+  labels = np.asarray(labels, np.int32)
+  out_images = _put_blocks(image_shape, sharding, lambda index: _gather_rows(
+      images, parts, *rows(index), max_n, images.dtype))
+  out_labels = _put_blocks((num_rows, max_n), sharding, lambda index: (
+      _gather_rows(labels, parts, *rows(index), max_n, np.int32)))
+  out_counts = _put_blocks((num_rows,), sharding,
+                           lambda index: counts[index])
+  return ClientData(images=out_images, labels=out_labels, counts=out_counts)
+
+
+def to_host(tree):
+  """numpy values of a pytree of arrays, as every process sees them.
+
+  An array sharded over devices of several processes (per-client metrics
+  on a multi-host mesh) is gathered from all of them
+  (`multihost_utils.process_allgather`): a collective, so every process
+  must call this at the same point. Other arrays are read locally.
+  """
+  def spans_processes(x):
+    return (isinstance(x, jax.Array) and not x.is_fully_addressable and
+            not x.is_fully_replicated)
+
+  if any(spans_processes(x) for x in jax.tree.leaves(tree)):
+    runtime.barrier('to_host')  # all processes at the gather (see barrier).
+  return jax.tree.map(
+      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      if spans_processes(x) else np.asarray(x), tree)
 
 
 def sample_clients(num_clients: int, clients_per_round: int, seed: int,

@@ -3,6 +3,7 @@
 import math
 from typing import Optional
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -51,5 +52,6 @@ def save_grid(images: np.ndarray, path: str, nrow: Optional[int] = None,
   grid = make_grid(images, nrow=nrow, upscale=upscale)
   if grid.shape[-1] == 1:
     grid = grid[..., 0]
-  Image.fromarray(grid).save(path)
+  with epath.Path(path).open('wb') as f:  # a local file or gs://...
+    Image.fromarray(grid).save(f, format='PNG')
   return path

@@ -4,6 +4,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
+import jax
+
 
 def format_seconds(seconds: float) -> str:
   seconds = max(0, int(round(seconds)))
@@ -58,5 +60,6 @@ class Progress:
     else:
       parts.append(f'elapsed {format_seconds(elapsed)} (incl. compilation)')
     line = ' | '.join(parts)
-    print(line, file=self.stream, flush=True)
+    if jax.process_index() == 0:  # one line per run, not per host.
+      print(line, file=self.stream, flush=True)
     return line

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Optional
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -31,6 +32,7 @@ from fedjax_diff import federation
 from fedjax_diff import latent as latent_lib
 from fedjax_diff import models
 from fedjax_diff import progress as progress_lib
+from fedjax_diff import runtime
 from fedjax_diff import state as state_lib
 from fedjax_diff import validation
 from fedjax_diff import workdir as workdir_lib
@@ -117,8 +119,7 @@ def report_partition(train: data_lib.Dataset, parts, workdir: str) -> None:
   text = data_lib.format_histogram(hist)
   log(f'Examples per client and label:\n{text}')
   if workdir_lib.is_writer():
-    with open(os.path.join(workdir, 'label_histogram.txt'), 'w') as f:
-      f.write(text + '\n')
+    (epath.Path(workdir) / 'label_histogram.txt').write_text(text + '\n')
     data_lib.plot_histogram(hist, os.path.join(workdir, 'label_histogram.png'),
                             title=f'{train.name}: examples per client')
 
@@ -148,8 +149,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
   report_partition(train, parts, workdir)
   space, latents = latent_lib.from_config(config, train.images, log)
   examples = train.images if space is None else latents
-  client_data = federation.shard_client_data(
-      federation.stack_clients(examples, train.labels, parts), mesh)
+  client_data = federation.place_clients(examples, train.labels, parts, mesh)
   image_shape = tuple(examples.shape[1:])
   model, params = experiment.init_model(config, image_shape)
   log(f'UNet: {models.count_params(params):,} parameters.')
@@ -222,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     round_fn = round_fn.lower(state, run.data,
                               *algorithm.slots(start)).compile()
     log(f'Compiled the round in {time.perf_counter() - t:.1f}s.')
+    runtime.barrier('compiled')  # every process compiled it (see barrier).
   progress = progress_lib.Progress(num_rounds, start)
   log_every, ckpt_every = settings.log_every, settings.checkpoint_every
   examples = (algorithm.clients_per_round * algorithm.local_steps *
@@ -232,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       slots = algorithm.slots(r)
       state, metrics = round_fn(state, run.data, *slots)
       done = r + 1
-      clients = jax.device_get(metrics)
+      clients = federation.to_host(metrics)  # all processes' clients.
       if faults_lib.diverged(clients):
         raise diverged(config, workdir, manager, done, clients_message(
             clients, slots[0]))
@@ -309,7 +310,7 @@ def diverged(config, workdir: str, manager, round_idx: int,
   checkpoint (every checkpoint is finite: `save_checkpoint` refuses
   others)."""
   last = manager.latest_step()
-  where = (f'the last finite checkpoint is {os.path.abspath(workdir)}/'
+  where = (f'the last finite checkpoint is {workdir_lib.absolute(workdir)}/'
            f'checkpoints/{last} (round {last})' if last is not None else
            'no checkpoint was written before it')
   copt, sopt = config.client_optimizer, config.server_optimizer

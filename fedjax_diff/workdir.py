@@ -12,7 +12,8 @@ A workdir holds
 
 Running the same command again resumes from the latest checkpoint. Only
 process 0 writes files other than checkpoints, which Orbax writes
-collectively.
+collectively. Paths go through `etils.epath`, so a workdir may be a local
+folder or a bucket (`gs://...`, which the hosts of a pod share).
 
 Partial files (a run killed while writing) never block a resume:
 config.json and summary.json are written whole or not at all (a temporary
@@ -32,6 +33,7 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -85,15 +87,15 @@ def check_and_write_config(workdir: str,
       ending in '.' covers a block), its config.json is unreadable, or the
       workdir is not a directory; nothing in it is touched.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  root = epath.Path(workdir)
+  if root.exists() and not root.is_dir():
     raise ConfigError(f'--workdir={workdir} is a file, not a directory: '
                       'name a new directory (it is created) or a workdir.')
-  path = os.path.join(workdir, 'config.json')
+  path = root / 'config.json'
   new = config_to_json(config)
-  if os.path.exists(path):
+  if path.exists():
     try:
-      with open(path) as f:
-        old = _flatten(json.load(f))
+      old = _flatten(json.loads(path.read_text()))
     except (ValueError, OSError) as e:
       raise ConfigError(
           f'{path} is unreadable ({e}), so this workdir\'s run cannot be '
@@ -120,18 +122,27 @@ def check_and_write_config(workdir: str,
           '--workdir, or the workdir\'s own config.json. Only '
           f'{", ".join(resumable)} may change on resume.')
   if is_writer():
-    os.makedirs(workdir, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    # Whole: the other processes of a resumed run read it meanwhile.
     write_atomic(path, new + '\n')
 
 
-def write_atomic(path: str, text: str) -> None:
-  """Writes `path` whole or not at all (a temporary file renamed over it)."""
-  tmp = f'{path}.tmp'
+def _is_local(path) -> bool:
+  return '://' not in os.fspath(path)
+
+
+def write_atomic(path, text: str) -> None:
+  """Writes `path` whole or not at all: locally a temporary file renamed
+  over it; an object store (gs://) writes an object whole by itself."""
+  if not _is_local(path):
+    epath.Path(path).write_text(text)
+    return
+  tmp = f'{os.fspath(path)}.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, path)
+  os.replace(tmp, os.fspath(path))
 
 
 def _describe(flat: Mapping[str, Any], key: str) -> str:
@@ -141,13 +152,12 @@ def _describe(flat: Mapping[str, Any], key: str) -> str:
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
   """Writes summary.json (process 0 only)."""
   if is_writer():
-    write_atomic(os.path.join(workdir, 'summary.json'),
+    write_atomic(epath.Path(workdir) / 'summary.json',
                  json.dumps(summary, indent=2, sort_keys=True) + '\n')
 
 
 def read_summary(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    return json.load(f)
+  return json.loads((epath.Path(workdir) / 'summary.json').read_text())
 
 
 def _scalar(v):
@@ -162,7 +172,7 @@ class MetricsLog:
   """Writes metrics to metrics.jsonl and to clu's writers (TensorBoard)."""
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._writer = metric_writers.create_default_writer(
         workdir, just_logging=not is_writer())
 
@@ -172,10 +182,7 @@ class MetricsLog:
     scalars = {k: _scalar(v) for k, v in metrics.items()}
     self._writer.write_scalars(round_idx, scalars)
     if is_writer():
-      line = json.dumps({'round': round_idx, **scalars}) + '\n'
-      with open(self._path, 'a') as f:
-        f.write(line)
-        f.flush()
+      _append_line(self._path, json.dumps({'round': round_idx, **scalars}))
 
   def write_images(self, round_idx: int, images: Mapping[str, np.ndarray]):
     self._writer.write_images(round_idx, images)
@@ -199,11 +206,10 @@ def read_metrics(workdir: str, warn: Optional[Callable[[str], None]] = None
     ValueError: a line other than the last is not a JSON object (the file
       was edited or damaged otherwise); the message names the line.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  with open(path) as f:
-    text = f.read()
+  text = path.read_text()
   lines = text.split('\n')
   torn = lines.pop()   # '' after a final newline, else the torn tail.
   rows = []
@@ -243,23 +249,25 @@ def truncate_metrics(workdir: str, last_round: int,
   """
   if not is_writer():
     return
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return
   rows = read_metrics(workdir, warn)
   kept = [r for r in rows if r['round'] <= last_round]
   text = ''.join(json.dumps(r) + '\n' for r in kept)
-  with open(path) as f:
-    if f.read() != text:
-      write_atomic(path, text)
+  if path.read_text() != text:
+    write_atomic(path, text)
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 3
                        ) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      absolute(workdir) / 'checkpoints',
+      # Synchronous saves: the run waits for each anyway, and Orbax's
+      # background commit threads deadlocked two CPU processes (gloo) here.
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True))
+                                           create=True,
+                                           enable_async_checkpointing=False))
 
 
 _check_finite = jax.jit(faults_lib.state_finite)
@@ -360,15 +368,15 @@ def resume(workdir: str, like, log: Callable[[str], None] = print):
 
 
 def _move_aside(workdir: str, step: int) -> str:
-  src = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))
-  dst_dir = os.path.join(os.path.abspath(workdir), 'checkpoints_bad')
-  dst = os.path.join(dst_dir, str(step))
-  if os.path.exists(dst):
-    dst = f'{dst}.{time.strftime("%Y%m%d-%H%M%S")}'
+  root = absolute(workdir)
+  src = root / 'checkpoints' / str(step)
+  dst = root / 'checkpoints_bad' / str(step)
+  if dst.exists():
+    dst = dst.parent / f'{step}.{time.strftime("%Y%m%d-%H%M%S")}'
   if is_writer():
-    os.makedirs(dst_dir, exist_ok=True)
-    os.replace(src, dst)
-  return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+  return os.fspath(dst)
 
 
 def _empty_fields_missing_on_disk(manager, step, abstract) -> list[str]:
@@ -390,26 +398,29 @@ def load_run(workdir: str, step: Optional[int] = None):
   Returns:
     (config, state): the ConfigDict of config.json, and a namespace with
     `params`, `ema_params` and `round` of checkpoint `step` (default: the
-    latest), restored as saved.
+    latest), restored with their saved shardings where this process has
+    those devices, else whole on its first device (a run of several
+    processes read back by one).
 
   Raises:
     FileNotFoundError: no config.json, or no such checkpoint.
   """
   import types  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: the workdir must be a '
                             'training workdir (launch/train.py writes '
                             'config.json).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   manager = checkpoint_manager(workdir)
   step = manager.latest_step() if step is None else int(step)
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(
         f'no checkpoint {"" if step is None else step} in {workdir}/'
         f'checkpoints (steps there: {list(manager.all_steps())}).')
-  raw = manager.restore(step, args=ocp.args.StandardRestore())
+  raw = manager.restore(step, args=ocp.args.StandardRestore(
+      fallback_sharding=jax.sharding.SingleDeviceSharding(
+          jax.local_devices()[0])))
   manager.close()
   return config, types.SimpleNamespace(params=raw['params'],
                                        ema_params=raw['ema_params'],
@@ -417,13 +428,44 @@ def load_run(workdir: str, step: Optional[int] = None):
 
 
 def samples_dir(workdir: str) -> str:
-  path = os.path.join(workdir, 'samples')
+  path = epath.Path(workdir) / 'samples'
   if is_writer():
-    os.makedirs(path, exist_ok=True)
-  return path
+    path.mkdir(parents=True, exist_ok=True)
+  return os.fspath(path)
 
 
 def all_files(workdir: str) -> Iterable[str]:
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      yield os.path.relpath(os.path.join(root, name), workdir)
+  """Paths of the files under `workdir`, relative to it.
+
+  Walked one folder at a time (`iterdir`): newer etils refuse a recursive
+  glob (`rglob`) on any path they back with their gfile layer.
+  """
+  root = epath.Path(workdir)
+  folders = [root]
+  while folders:
+    for path in folders.pop().iterdir():
+      if path.is_dir():
+        folders.append(path)
+      else:
+        yield os.fspath(path.relative_to(root))
+
+
+def absolute(workdir) -> epath.Path:
+  """`workdir` as an absolute epath: a local folder made absolute, a
+  `gs://` (or other remote) path kept as it is."""
+  path = epath.Path(workdir)
+  return epath.Path(os.path.abspath(os.fspath(path))) if _is_local(
+      path) else path
+
+
+def _append_line(path: epath.Path, line: str) -> None:
+  """Appends `line` to a text file in one write: in place for a local
+  file; by rewriting it where the storage has no append (object stores such
+  as gs://, whose objects are written whole)."""
+  if _is_local(path):
+    with open(os.fspath(path), 'a') as f:
+      f.write(line + '\n')
+      f.flush()
+  else:
+    old = path.read_text() if path.exists() else ''
+    path.write_text(old + line + '\n')

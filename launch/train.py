@@ -5,7 +5,17 @@ r"""Trains a federation of diffusion models.
 
 `--config.x=y` overrides any config field; `--config=file.py:arg` passes
 `arg` to the config's get_config. Running the same command again resumes
-from the latest checkpoint in DIR.
+from the latest checkpoint in DIR (a local folder or `gs://...`).
+
+Several processes (hosts of a pod, or processes on one machine) run the same
+command, each with its id; jax.distributed.initialize joins them:
+
+  python launch/train.py ... --coordinator_address=HOST0:1234 \
+      --num_processes=2 --process_id=0   # and =1 on the other
+  python launch/train.py ...             # Cloud TPU pod: detected by jax
+
+Only process 0 prints and writes metrics, samples and summaries; all write
+their shards of the checkpoints (Orbax).
 
 Exit codes: 0 done; 2 the command line or config cannot be run (one
 message says what, where and how to fix it; nothing was written to DIR); 3
@@ -34,6 +44,18 @@ _JAX_CACHE = flags.DEFINE_string(
     'jax_cache_dir', os.path.join('~', '.cache', 'fedjax_diff', 'jax'),
     'Persistent XLA compilation cache: a second run of the same config (or a '
     'resume) skips compiling the round and the evaluators. Empty disables it.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process runs: host:port of process '
+    "0's coordinator (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Multi-process runs: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, "Multi-process runs: this process's id.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'jax.distributed.initialize: auto = when the three flags above are given '
+    'or jax detects a cluster (Cloud TPU pod, SLURM); on = always (jax '
+    'detects what is not given); off = never.')
 _CPU_DEVICES = flags.DEFINE_string('cpu_devices', 'auto',
                                    host_devices.FLAG_HELP)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -109,8 +131,19 @@ def main(argv):
                            host_devices.clients_per_round(_CONFIG.value))
   except ValueError as e:
     fail(str(e))
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_diff import runtime  # pylint: disable=g-import-not-at-top
+  distributed = runtime.distributed_args(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      _DISTRIBUTED.value)
+  if distributed is not None:
+    jax.distributed.initialize(**distributed)
+  if jax.process_index() == 0:
+    print(runtime.describe(), flush=True)
+    warning = runtime.accelerator_warning()
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
   if _JAX_CACHE.value:
-    import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(_JAX_CACHE.value))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

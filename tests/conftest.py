@@ -29,6 +29,34 @@ if _cache:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """`-n N` distributes by module (xdist's loadscope), not test by test.
+
+  A module's tests then share one worker, so its module-scoped fixtures
+  (end-to-end runs, compiled rounds) run once instead of once per worker,
+  and its tests reuse the programs the module compiled. Measured on the
+  fast tier (Python 3.12, jax 0.12, 2 cores, fresh compilation cache):
+  tests/test_trainer.py's end-to-end fixture ran on both workers under
+  xdist's default per-test distribution. `--dist=...` given on the command
+  line is kept.
+  """
+  if getattr(config.option, 'numprocesses', None) and (
+      config.option.dist == 'no'):
+    config.option.dist = 'loadscope'
+
+
+def pytest_configure(config):
+  # CI (.ci/run) runs each test once: on Python 3.12 with the newest jax the
+  # README's command, where the tests marked py311 skip themselves (torch is
+  # installed on 3.11 alone, setup.py), and on Python 3.11 (jax 0.10.2, the
+  # tested minimum) those marked py311, the tests against the torch
+  # references.
+  config.addinivalue_line(
+      'markers', 'py311: run by CI on Python 3.11 (jax 0.10.2) only: the '
+      'torch references.')
+
+
 # The slow tier (tests/slow_tests.txt, written by tests/slow_tier.py from a
 # full run's durations): skipped unless pytest is given --slow, so that the
 # README's test command, which CI runs, stays within CI's time on 2 cores.

@@ -9,6 +9,7 @@ from absl import flags
 import pytest
 
 import launch_scripts
+import testlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,9 @@ CONFIG = os.path.join(ROOT, 'configs', 'test.py')
 SMALL = ['--config.model.ch_mult=(1,)', '--config.model.attn_resolutions=()']
 
 
+@pytest.mark.py311  # the PyTorch peer (tests/conftest.py)
 def test_bench_against_loop_central_and_torch(tmp_path, capsys, monkeypatch):
+  pytest.importorskip('torch', reason=testlib.NO_TORCH)
   output = tmp_path / 'bench.json'
   # 3 clients on meshes of 2 and 1 devices: 2 and 3 slots per device, so
   # chunk size 4 is skipped on both (and costs no compilation).

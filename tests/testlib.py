@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 import optax
 
 from fedjax_diff import algorithms
@@ -456,3 +457,31 @@ def reference_state(params=None):
   `init_server_state` fields as `Algorithm.initial_state`, on the host)."""
   return init_server_state(init_params() if params is None else params,
                            SERVER_OPT, jax.random.PRNGKey(42))
+
+
+# Why the torch references can be absent: see setup.py's `test` extra.
+NO_TORCH = ('the torch references (torch, diffusers, pytorch-fid) are in the '
+            'test extra on Python 3.11 only: their CPU torch wheel is at hand '
+            'for 3.11 alone, and on 3.12 pip would fetch the multi-GB CUDA '
+            'build (setup.py, README "Install")')
+
+
+class _MissingReference:
+  """Stands for a reference package that is not installed: using it skips
+  the test that does, with `NO_TORCH` as the reason."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def __getattr__(self, attr):
+    pytest.skip(f'{self._name} is not installed; {NO_TORCH}.')
+
+
+def reference_module(name: str):
+  """The module `name` (torch, diffusers), or a stand-in that skips the
+  test that uses it when it is not installed."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return _MissingReference(name)

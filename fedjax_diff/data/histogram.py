@@ -3,6 +3,7 @@
 import os
 from typing import Optional, Sequence
 
+from etils import epath
 import matplotlib
 from matplotlib import figure
 from matplotlib.backends import backend_agg
@@ -121,7 +122,9 @@ def plot_histogram(hist,
     ax.legend(title='label', loc='upper left', bbox_to_anchor=(1.01, 1.0),
               fontsize='small')
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fig.savefig(path, format='png')
+  path = epath.Path(path)  # a local file or gs://...
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    fig.savefig(f, format='png')
+  path = os.fspath(path)
   return path

@@ -25,9 +25,9 @@ TFDS reference split; default: the run's config.json in the workdir).
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,11 +109,10 @@ def cache_dir(cfg) -> str:
 
 
 def _run_data_config(ctx: EvalContext) -> dict:
-  path = os.path.join(ctx.workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(ctx.workdir) / 'config.json'  # local or gs://
+  if not path.exists():
     return {}
-  with open(path) as f:
-    return json.load(f).get('data', {}) or {}
+  return json.loads(path.read_text()).get('data', {}) or {}
 
 
 def reference_data(cfg, ctx: EvalContext) -> data_lib.Dataset:

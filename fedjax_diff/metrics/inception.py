@@ -23,8 +23,9 @@ antialiasing), then mapped to [−1, 1] by 2x − 1. Grey images are repeated to
 Outputs: the 2048-d pool features (the FID features, pytorch-fid's block 3)
 and the 1008 logits.
 
-Weights: `load_variables(path)` reads pytorch-fid's `.pth` (needs PyTorch to
-unpickle it) or a `.npz` written by `save_variables`; `download_weights()`
+Weights: `load_variables(path)` reads pytorch-fid's `.pth` without PyTorch
+(`fedjax_diff.metrics.torch_file`, a restricted unpickler of torch.save's
+format) or a `.npz` written by `save_variables`; `download_weights()`
 fetches the `.pth` when the network allows. `convert_state_dict` maps the
 PyTorch names (`Mixed_5b.branch1x1.conv.weight`, ...) onto this module.
 """
@@ -39,6 +40,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedjax_diff.metrics import torch_file
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
                    'fid_weights/pt_inception-2015-12-05-6726825d.pth')
@@ -322,21 +325,9 @@ def save_variables(path: str, variables) -> None:
   os.replace(tmp, path)
 
 
-def _read_torch_file(path: str) -> dict:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(
-        f'reading {path} (a PyTorch file) needs torch (`pip install torch`, '
-        'the CPU build is enough). Or convert it once where torch is: '
-        f'`python -m fedjax_diff.metrics.inception {path} OUT.npz`, and pass '
-        'OUT.npz instead.') from None
-  sd = torch.load(path, map_location='cpu', weights_only=True)
-  return {k: v.numpy() for k, v in sd.items()}
-
-
 def load_variables(path: str):
-  """Flax variables from pytorch-fid's `.pth` or a converted `.npz`."""
+  """Flax variables from pytorch-fid's `.pth` (read without torch) or a
+  converted `.npz`."""
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'no Inception weights at {path}. Give the path of {FID_WEIGHTS_FILE} '
@@ -350,7 +341,7 @@ def load_variables(path: str):
         expected[k] != flat[k].shape for k in flat):
       raise ValueError(f'{path} does not hold FID Inception variables.')
     return jax.tree.map(jnp.asarray, variables)
-  return convert_state_dict(_read_torch_file(path))
+  return convert_state_dict(torch_file.load(path))
 
 
 def download_weights(cache_dir: str) -> str:
@@ -394,7 +385,7 @@ def extractor_from_weights(weights: Optional[str], cache_dir: str,
                            batch_size: int = 50) -> InceptionExtractor:
   """From a weights file (`.pth`/`.npz`), or the downloaded `.pth` when
   `weights` is empty; a converted `.npz` is cached beside a downloaded
-  file so PyTorch is needed once."""
+  file (it loads faster than unpickling the `.pth` again)."""
   if not weights:
     npz = os.path.join(cache_dir, FID_WEIGHTS_FILE[:-4] + '.npz')
     if os.path.exists(npz):

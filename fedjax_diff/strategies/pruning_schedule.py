@@ -53,9 +53,9 @@ them). FedPhD's L2 importance is data-free.
 import copy
 import dataclasses
 import json
-import os
 from typing import Any, Callable, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -282,9 +282,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
       f'{tuple(small.upsample_in_widths)}, time embedding '
       f'{small.temb_width}.')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'pruning.json'), 'w') as f:
-      json.dump(info, f, indent=2, sort_keys=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / 'pruning.json').write_text(
+        json.dumps(info, indent=2, sort_keys=True))
   return small, jax.tree.map(jnp.asarray, small_params), info
 
 
@@ -296,13 +296,12 @@ def model_for_run(config: ml_collections.ConfigDict,
   model = unet_lib.unet_from_config(config.model)
   if config_from(config) is None:
     return model
-  path = os.path.join(workdir, 'pruning.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'pruning.json'
+  if not path.exists():
     raise FileNotFoundError(
         f'{path} is missing: the config prunes the UNet, and the pruned '
         'widths are written there when training starts.')
-  with open(path) as f:
-    info = json.load(f)
+  info = json.loads(path.read_text())
   # Runs pruned before upsample_in_widths existed tied them to the levels.
   upsample_in = info.get('upsample_in_widths')
   return model.clone(stem_width=int(info['stem_width']),

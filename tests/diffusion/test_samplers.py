@@ -2,14 +2,20 @@
 
 import functools
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from fedjax_diff import diffusion
+import testlib
+
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
+# The references; a test that uses one that is absent is skipped.
+diffusers = testlib.reference_module('diffusers')
+torch = testlib.reference_module('torch')
 
 T = 1000
 SHAPE = (2, 4, 4, 3)

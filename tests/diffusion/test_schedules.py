@@ -1,12 +1,18 @@
 """Tests of fedjax_diff.diffusion.schedules against diffusers' DDPMScheduler."""
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_diff import diffusion
+import testlib
+
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
+# The reference; a test that uses it when it is absent is skipped.
+diffusers = testlib.reference_module('diffusers')
 
 
 @pytest.mark.parametrize('num_timesteps', [1000, 40])
@@ -91,7 +97,7 @@ def test_q_sample_hand_check():
   # Same as diffusers' add_noise.
   ref = diffusers.DDPMScheduler(num_train_timesteps=10, beta_start=0.1,
                                 beta_end=0.5)
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = testlib.reference_module('torch')
   hf = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
                      torch.from_numpy(t)).numpy()
   np.testing.assert_allclose(got, hf, rtol=1e-5, atol=1e-6)

@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 
 from fedjax_diff.metrics import inception
+import testlib
 
-torch = pytest.importorskip('torch')
+# The torch references: run on Python 3.11 too (tests/conftest.py).
+pytestmark = pytest.mark.py311
+
+torch = pytest.importorskip('torch', reason=testlib.NO_TORCH)
 
 
 def _import_pytorch_fid():
@@ -140,15 +144,21 @@ def test_npz_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_load_variables_reads_a_pth_file(torch_fid, tmp_path):
-  """The user-facing path: pytorch-fid's weights saved by torch.save."""
+@pytest.mark.parametrize('zip_format', [True, False], ids=['zip', 'legacy'])
+def test_load_variables_reads_a_pth_file(torch_fid, tmp_path, monkeypatch,
+                                         zip_format):
+  """The user-facing path: pytorch-fid's weights saved by torch.save (in
+  either of its formats), read without torch, identical to torch.load's."""
+  import sys  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   _, net = torch_fid
   path = str(tmp_path / inception.FID_WEIGHTS_FILE)
-  torch.save(net.state_dict(), path)
-  loaded = inception.load_variables(path)
+  torch.save(net.state_dict(), path,
+             _use_new_zipfile_serialization=zip_format)
   want = inception.convert_state_dict(
-      {k: v.numpy() for k, v in net.state_dict().items()})
+      {k: v.numpy() for k, v in torch.load(path, weights_only=True).items()})
+  monkeypatch.setitem(sys.modules, 'torch', None)  # torch unavailable.
+  loaded = inception.load_variables(path)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Cached next to a downloaded file as .npz, so torch is needed once.
