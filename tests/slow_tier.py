@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PATH = os.path.join(HERE, 'slow_tests.txt')
 # Always in the fast tier, which CI runs: the end-to-end run and its resume,
 # bf16 (issue 12), the two-process kill-and-resume run and the Colab notebook
-# in a Jupyter kernel (issue 17).
+# in a Jupyter kernel (issue 17). tests/conftest.py hands them out first.
 KEEP = ('tests/test_trainer.py::', 'tests/models/test_mixed_precision.py::',
         'tests/test_multihost.py::',
         'tests/test_colab.py::test_quickstart_notebook_runs_in_a_kernel')
