@@ -25,6 +25,7 @@ from fedjax_diff import optimizers
 from fedjax_diff.diffusion import diffusion_loss
 from fedjax_diff.diffusion import schedule_from_config
 from fedjax_diff.diffusion.losses import cond_drop_prob_from_config
+from fedjax_diff.diffusion.losses import min_snr_gamma_from_config
 from fedjax_diff.strategies import build as strategies_build
 
 PyTree = Any
@@ -54,12 +55,14 @@ def make_loss_fn(eps_fn, schedule, config: ml_collections.ConfigDict):
   """The local training loss `(params, x, labels, rng) -> scalar`."""
   num_classes = config.model.get('num_classes')
   drop = cond_drop_prob_from_config(config)
+  gamma = min_snr_gamma_from_config(config)
 
   def loss_fn(params, x, labels, rng):
     return diffusion_loss(
         eps_fn, params, schedule, x, rng,
         labels=labels if num_classes is not None else None,
-        null_label=num_classes, cond_drop_prob=drop, train=True)
+        null_label=num_classes, cond_drop_prob=drop, min_snr_gamma=gamma,
+        train=True)
 
   return loss_fn
 

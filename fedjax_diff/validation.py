@@ -23,7 +23,8 @@ The blocks and their parsers:
     config.pruning                         pruning_schedule.config_from
     config.model                           models.unet_from_config, check_config
     config.diffusion                       diffusion.schedule_from_config,
-                                             losses.cond_drop_prob_from_config
+                                             losses.cond_drop_prob_from_config,
+                                             losses.min_snr_gamma_from_config
     config.data, config.partition          data.config_from,
                                              data.partition_from_config
     config.evaluators, eval_params         evaluators.check_config,
@@ -125,6 +126,7 @@ def check_config(config: ml_collections.ConfigDict,
   with user_errors('config.diffusion'):
     schedules.schedule_from_config(config.diffusion)
     losses.cond_drop_prob_from_config(config)
+    losses.min_snr_gamma_from_config(config)
   with user_errors('config.data'):
     data_lib.config_from(config.get('data'))
   with user_errors('config.partition'):

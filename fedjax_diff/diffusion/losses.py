@@ -1,4 +1,5 @@
-"""The epsilon-prediction loss of DDPM, with classifier-free label dropout."""
+"""The epsilon-prediction loss of DDPM, with classifier-free label dropout
+and optional Min-SNR-γ loss weighting."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def diffusion_loss(eps_fn: EpsFn,
                    *,
                    null_label: Any = None,
                    cond_drop_prob: float | jax.Array = 0.0,
+                   min_snr_gamma: Optional[float] = None,
                    train: bool = True) -> jax.Array:
   """The simplified DDPM objective L_simple (Ho et al., 2020, eq. 14).
 
@@ -75,6 +77,16 @@ def diffusion_loss(eps_fn: EpsFn,
 
   estimated with one (t, eps) draw per example and averaged over all elements
   (batch and image dimensions), i.e. mean, not sum, of squared errors.
+
+  With `min_snr_gamma` = γ, each example's squared error is weighted by
+  Min-SNR-γ (Hang et al., 2023, arXiv 2303.09556, eq. 8 for ε-prediction):
+
+    w_t = min(SNR_t, γ) / SNR_t,   SNR_t = alpha_bar_t / (1 - alpha_bar_t),
+
+  which caps the weight of the nearly clean timesteps (SNR_t > γ, whose
+  ε-errors are large but matter little to samples) so that the noisy ones,
+  which shape the image, are not drowned out; the paper reports 3.4× faster
+  convergence at γ = 5. w_t = 1 wherever SNR_t ≤ γ.
 
   When `labels` is given and `cond_drop_prob` > 0, each label is first
   replaced by `null_label` with probability `cond_drop_prob` (classifier-free
@@ -93,6 +105,7 @@ def diffusion_loss(eps_fn: EpsFn,
     labels: optional int labels of shape [B].
     null_label: the "no condition" label; required when labels are dropped.
     cond_drop_prob: probability of replacing a label by `null_label`.
+    min_snr_gamma: γ of Min-SNR-γ weighting; None for L_simple.
     train: passed to `eps_fn` (dropout on or off).
 
   Returns:
@@ -128,7 +141,32 @@ def diffusion_loss(eps_fn: EpsFn,
     raise ValueError(f'eps_fn returned shape {eps_pred.shape}, expected '
                      f'{noise.shape}.')
   err = noise.astype(jnp.float32) - eps_pred.astype(jnp.float32)
-  return jnp.mean(jnp.square(err))
+  if min_snr_gamma is None:
+    return jnp.mean(jnp.square(err))
+  alpha_bar = schedule.alphas_cumprod[t]
+  snr = alpha_bar / (1.0 - alpha_bar)
+  weight = jnp.minimum(snr, min_snr_gamma) / snr
+  per_example = jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
+  return jnp.mean(weight * per_example)
+
+
+def min_snr_gamma_from_config(config) -> Optional[float]:
+  """`config.diffusion.min_snr_gamma`: γ of Min-SNR-γ loss weighting (see
+  `diffusion_loss`), a number > 0, or None (absent, None or 0) for DDPM's
+  L_simple.
+
+  Raises:
+    ValueError: not a positive number.
+  """
+  gamma = config.diffusion.get('min_snr_gamma', None)
+  if gamma is None or (not isinstance(gamma, bool) and gamma == 0):
+    return None
+  if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
+      gamma > 0):
+    raise ValueError('config.diffusion.min_snr_gamma must be a number > 0 '
+                     '(Min-SNR-γ weighting, arXiv 2303.09556: 5), or None / 0 '
+                     f'for DDPM\'s unweighted loss; got {gamma!r}.')
+  return float(gamma)
 
 
 def cond_drop_prob_from_config(config) -> float:

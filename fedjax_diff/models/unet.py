@@ -368,6 +368,13 @@ class UNet(nn.Module):
     num_classes: if set, class-conditional with an `Embed(num_classes + 1)`
       label table; index `num_classes` is the null class (classifier-free
       guidance).
+    label_embed_std: the label table's initial standard deviation; None
+      for flax's `Embed` default (variance scaling over the width: rows of
+      norm ≈ 1, an eighth of the time embedding's scale at width 64). 1.0 is
+      PyTorch's `nn.Embedding` default, the one of ADM's class embedding
+      (guided-diffusion, arXiv 2105.05233), which sums it with the time
+      embedding as here: the label is then as loud as the timestep from
+      the first step, and the model learns to use it sooner.
     out_ch: output channels; defaults to the input's channel count.
     num_groups: GroupNorm groups; must divide `ch * m` for every `m` in
       `ch_mult` (and `ch`).
@@ -403,6 +410,7 @@ class UNet(nn.Module):
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.1
   num_classes: Optional[int] = None
+  label_embed_std: Optional[float] = None
   out_ch: Optional[int] = None
   num_groups: int = 32
   dtype: Dtype = jnp.float32
@@ -534,12 +542,15 @@ class UNet(nn.Module):
       if labels.shape != (batch,):
         raise ValueError(
             f'Expected labels of shape ({batch},), got {labels.shape}.')
+      init = ({} if self.label_embed_std is None else
+              dict(embedding_init=nn.initializers.normal(
+                  float(self.label_embed_std))))
       temb = temb + nn.Embed(
           self.num_classes + 1,
           temb_width,
           dtype=self.dtype,
           param_dtype=jnp.float32,
-          name='label_embed')(labels)
+          name='label_embed', **init)(labels)
     elif labels is not None:
       raise ValueError(
           'UNet got labels but num_classes is None (unconditional model); '
@@ -610,7 +621,8 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
 
   Args:
     cfg: with fields `ch`, `ch_mult`, `num_res_blocks`, `attn_resolutions`,
-      `dropout`, and optionally `num_classes` (default None), `num_groups`
+      `dropout`, and optionally `num_classes` (default None),
+      `label_embed_std` (default None: flax's init), `num_groups`
       (default 32), `out_ch` (default: input channels), `dtype` ('float32'
       or 'bfloat16', `compute_dtype`), `conv_impl` and the pruned
       widths `level_widths`, `stem_width`, `temb_width`,
@@ -646,6 +658,16 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
                                   num_classes < 1):
     raise ValueError('config.model.num_classes must be None '
                      f'(unconditional) or an int >= 1, got {num_classes!r}.')
+  std = cfg.get('label_embed_std', None)
+  if std is not None and (isinstance(std, bool) or
+                          not isinstance(std, (int, float)) or not std > 0):
+    raise ValueError('config.model.label_embed_std must be None (flax\'s '
+                     'init) or a number > 0 (ADM\'s: 1.0), got '
+                     f'{std!r}.')
+  if std is not None and num_classes is None:
+    raise ValueError(f'config.model.label_embed_std={std} initialises the '
+                     'label table, but the model is unconditional '
+                     '(config.model.num_classes is None).')
   return UNet(
       ch=int(cfg.ch),
       ch_mult=tuple(int(m) for m in cfg.ch_mult),
@@ -653,6 +675,7 @@ def unet_from_config(cfg: ml_collections.ConfigDict) -> UNet:
       attn_resolutions=tuple(int(r) for r in cfg.attn_resolutions),
       dropout=float(cfg.dropout),
       num_classes=None if num_classes is None else int(num_classes),
+      label_embed_std=None if std is None else float(std),
       out_ch=None if out_ch is None else int(out_ch),
       num_groups=int(cfg.get('num_groups', 32)),
       dtype=compute_dtype(cfg.get('dtype', 'float32')),

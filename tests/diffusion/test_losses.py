@@ -103,6 +103,65 @@ def test_loss_hand_computed_and_differentiable():
       grad['a'], np.mean(-2 * (noise - 0.5 * x_t) * x_t), rtol=1e-4)
 
 
+@pytest.mark.parametrize('gamma', [5.0, 1.0])
+def test_min_snr_weighting_hand_computed(gamma):
+  """Min-SNR-γ (arXiv 2303.09556): each example's mean squared error times
+  min(SNR_t, γ)/SNR_t, SNR_t = ᾱ_t/(1 − ᾱ_t), with ᾱ_t computed here in
+  float64 from the betas."""
+  schedule = diffusion.linear_schedule(1000)
+  x0 = _x0()
+  rng = jax.random.PRNGKey(3)
+  loss_fn = jax.jit(
+      lambda p: diffusion.diffusion_loss(_scaled_eps_fn, p, schedule, x0, rng,
+                                         min_snr_gamma=gamma, train=False))
+  loss, grad = jax.value_and_grad(loss_fn)({'a': jnp.float32(0.5)})
+  t_key, noise_key, _, _ = jax.random.split(rng, 4)
+  t = np.asarray(jax.random.randint(t_key, (BATCH,), 0, 1000,
+                                    dtype=jnp.int32))
+  noise = np.asarray(jax.random.normal(noise_key, SHAPE, jnp.float32),
+                     np.float64)
+  ab = np.cumprod(1 - np.asarray(schedule.betas, np.float64))[t]
+  x_t = (np.sqrt(ab)[:, None, None, None] * np.asarray(x0, np.float64)
+         + np.sqrt(1 - ab)[:, None, None, None] * noise)
+  snr = ab / (1 - ab)
+  w = np.minimum(snr, gamma) / snr
+  # Both sides of γ are drawn: the weights are not all 1.
+  assert w.min() < 0.05 and w.max() == 1.0
+  err = np.mean(((noise - 0.5 * x_t)**2).reshape(BATCH, -1), axis=1)
+  np.testing.assert_allclose(loss, np.mean(w * err), rtol=1e-5)
+  derr = np.mean((-2 * (noise - 0.5 * x_t) * x_t).reshape(BATCH, -1), axis=1)
+  np.testing.assert_allclose(grad['a'], np.mean(w * derr), rtol=1e-4)
+
+
+def test_min_snr_above_every_snr_is_the_unweighted_loss():
+  schedule = diffusion.linear_schedule(1000)
+  x0, rng = _x0(), jax.random.PRNGKey(4)
+  params = {'a': jnp.float32(0.3)}
+  plain = diffusion.diffusion_loss(_scaled_eps_fn, params, schedule, x0, rng,
+                                   train=False)
+  ab = np.asarray(schedule.alphas_cumprod, np.float64)
+  huge = float(np.max(ab / (1 - ab))) * 2
+  weighted = diffusion.diffusion_loss(_scaled_eps_fn, params, schedule, x0,
+                                      rng, min_snr_gamma=huge, train=False)
+  np.testing.assert_allclose(weighted, plain, rtol=1e-6)
+
+
+def test_min_snr_gamma_from_config():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fedjax_diff.diffusion import losses  # pylint: disable=g-import-not-at-top
+
+  def of(**fields):
+    return losses.min_snr_gamma_from_config(ml_collections.ConfigDict(
+        dict(diffusion=dict(schedule='linear', **fields))))
+
+  assert of() is None and of(min_snr_gamma=None) is None
+  assert of(min_snr_gamma=0) is None
+  assert of(min_snr_gamma=5) == 5.0
+  for bad in (-1.0, 'five', True):
+    with pytest.raises(ValueError, match='min_snr_gamma must be a number > 0'):
+      of(min_snr_gamma=bad)
+
+
 def test_condition_dropout_rate_and_values():
   schedule = diffusion.linear_schedule(100)
   null = 10

@@ -174,6 +174,39 @@ def test_out_ch_and_config():
                                                                  32)
 
 
+def test_label_embed_std_initialises_the_label_table():
+  """config.model.label_embed_std: the label table drawn from N(0, std²)
+  (ADM's nn.Embedding init at 1.0); None keeps flax's, whose rows have
+  norm ≈ 1 at any width. Only the table's init changes: the other
+  parameters are drawn the same."""
+  cfg = ml_collections.ConfigDict(dict(
+      ch=8, ch_mult=[1], num_res_blocks=1, attn_resolutions=[],
+      dropout=0.0, num_groups=4, num_classes=10))
+  default = models.unet_from_config(cfg)
+  cfg.label_embed_std = 1.0
+  adm = models.unet_from_config(cfg)
+  assert default.label_embed_std is None and adm.label_embed_std == 1.0
+  key = jax.random.key(0)
+  p0 = models.init_params(default, key, (8, 8, 1))
+  p1 = models.init_params(adm, key, (8, 8, 1))
+  e0 = np.asarray(p0['label_embed']['embedding'])
+  e1 = np.asarray(p1['label_embed']['embedding'])
+  assert e1.shape == (11, 32)
+  # 352 draws: the sample std is within 10% of 1; flax's rows have norm ~1.
+  assert abs(e1.std() - 1.0) < 0.1 and abs(e1.mean()) < 0.1
+  assert np.all(np.abs(np.linalg.norm(e0, axis=1) - 1.0) < 0.5)
+  del p0['label_embed'], p1['label_embed']
+  jax.tree.map(np.testing.assert_array_equal, p0, p1)
+  fields = cfg.to_dict()
+  for bad in (0.0, -1.0, True, 'big'):
+    with pytest.raises(ValueError, match='label_embed_std must be None'):
+      models.unet_from_config(ml_collections.ConfigDict(
+          dict(fields, label_embed_std=bad)))
+  with pytest.raises(ValueError, match='model is unconditional'):
+    models.unet_from_config(ml_collections.ConfigDict(
+        dict(fields, num_classes=None)))
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(ch_mult=(1, 2), dtype=jnp.bfloat16)
   params, x, t = _setup(model, (8, 8, 1))
