@@ -9,6 +9,13 @@ model is trained in. `heldout_loss` is the loss of the model
 the evaluators judge (`config.eval_params`: the EMA by default, or the raw
 global model); the other one is reported too, as `heldout_loss_raw` or
 `heldout_loss_ema`.
+
+For a class-conditional model, `heldout_loss_null_label` is the judged
+model's loss with every label replaced by the null class (the
+unconditional ε of classifier-free guidance), on the same (x0, t, ε).
+`heldout_loss_null_label − heldout_loss` is what the labels buy: about 0
+when the model ignores them, negative when they mislead it (README,
+"Tries towards a better quickstart").
 """
 
 import jax
@@ -51,25 +58,34 @@ class Evaluator:
     conditional = ctx.num_classes is not None
     key = jax.random.PRNGKey(ctx.seed + 7919)
 
-    def batch_loss(params, i):
+    def batch_loss(params, i, null):
       x = client.to_float_images(self._images[i])
+      labels = None
+      if conditional:
+        labels = (jnp.full_like(self._labels[i], ctx.num_classes) if null
+                  else self._labels[i])
       return diffusion_loss(
           ctx.eps_fn, params, ctx.schedule, x, jax.random.fold_in(key, i),
-          labels=self._labels[i] if conditional else None, train=False)
+          labels=labels, train=False)
 
-    def mean_loss(params):
-      return jax.lax.map(lambda i: batch_loss(params, i),
+    def mean_loss(params, null=False):
+      return jax.lax.map(lambda i: batch_loss(params, i, null),
                          jnp.arange(num_batches)).mean()
 
-    self._mean_loss = jax.jit(mean_loss)
+    self._mean_loss = jax.jit(mean_loss, static_argnames='null')
+    self._conditional = conditional
     self._ctx = ctx
 
   def __call__(self, state, round_idx):
     del round_idx
     other = 'raw' if self._ctx.params == 'ema' else 'ema'
-    return {
-        'heldout_loss': float(self._mean_loss(
-            evaluated_params(state, self._ctx))),
+    judged = evaluated_params(state, self._ctx)
+    out = {
+        'heldout_loss': float(self._mean_loss(judged)),
         f'heldout_loss_{other}': float(self._mean_loss(
             state.params if other == 'raw' else state.ema_params)),
     }
+    if self._conditional:
+      out['heldout_loss_null_label'] = float(self._mean_loss(judged,
+                                                             null=True))
+    return out
