@@ -62,14 +62,16 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
       dropout=0.0, num_groups=8, num_classes=config_dict.placeholder(int),
-      conv_impl='auto', dtype='float32'))
-  # Optional, absent here: config.model.label_embed_std, the label
-  # table's init (None: flax's, rows of norm ~1; 1.0: ADM's N(0, 1)).
+      conv_impl='auto', dtype='float32',
+      # The label table's init, for num_classes: None is flax's (rows of
+      # norm ~1), 1.0 ADM's N(0, 1).
+      label_embed_std=config_dict.placeholder(float)))
+  # min_snr_gamma: γ of Min-SNR-γ loss weighting (arXiv 2303.09556); None
+  # is DDPM's unweighted L_simple. It and label_embed_std were tried for
+  # issue 18 (README, "Tries towards a better quickstart").
   config.diffusion = ml_collections.ConfigDict(dict(
-      schedule='linear', num_timesteps=1000, cond_drop_prob=0.0))
-  # Optional, absent here: config.diffusion.min_snr_gamma, γ of Min-SNR-γ
-  # loss weighting (arXiv 2303.09556; None: DDPM's unweighted loss). Both
-  # were tried for issue 18 (README, "Tries towards a better quickstart").
+      schedule='linear', num_timesteps=1000, cond_drop_prob=0.0,
+      min_snr_gamma=config_dict.placeholder(float)))
 
   # Client optimizer: DDPM's Adam with warmup and gradient clipping at 1.0.
   # keep_state: each client keeps its Adam moments from round to round (as

@@ -134,6 +134,12 @@ CASES = [
     ('cond_drop_unconditional', TEST, ['diffusion.cond_drop_prob=0.1'],
      r'cond_drop_prob=0\.1 drops class labels, but the model is '
      r'unconditional'),
+    ('min_snr_negative', TEST, ['diffusion.min_snr_gamma=-1.0'],
+     r'config\.diffusion\.min_snr_gamma must be a number > 0'),
+    ('label_embed_std_unconditional', 'configs/mnist_fedavg.py',
+     ['model.label_embed_std=1.0'],
+     r'label_embed_std=1\.0 initialises the label table, but the model is '
+     r'unconditional'),
     ('groups_not_dividing', TEST, ['model.ch=6'],
      r'config\.model: UNet\.num_groups=4 must divide every channel width'),
     ('model_dropout', TEST, ['model.dropout=1.5'],
