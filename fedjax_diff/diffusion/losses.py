@@ -83,10 +83,10 @@ def diffusion_loss(eps_fn: EpsFn,
 
     w_t = min(SNR_t, γ) / SNR_t,   SNR_t = alpha_bar_t / (1 - alpha_bar_t),
 
-  which caps the weight of the nearly clean timesteps (SNR_t > γ, whose
-  ε-errors are large but matter little to samples) so that the noisy ones,
-  which shape the image, are not drowned out; the paper reports 3.4× faster
-  convergence at γ = 5. w_t = 1 wherever SNR_t ≤ γ.
+  which caps the weight of the low-noise timesteps (SNR_t > γ) so that
+  they do not dominate the gradient of the noisier ones, whose objectives
+  the paper finds in conflict with them; it reports 3.4× faster convergence
+  at γ = 5. w_t = 1 wherever SNR_t ≤ γ.
 
   When `labels` is given and `cond_drop_prob` > 0, each label is first
   replaced by `null_label` with probability `cond_drop_prob` (classifier-free

@@ -370,11 +370,10 @@ class UNet(nn.Module):
       guidance).
     label_embed_std: the label table's initial standard deviation; None
       for flax's `Embed` default (variance scaling over the width: rows of
-      norm ≈ 1, an eighth of the time embedding's scale at width 64). 1.0 is
-      PyTorch's `nn.Embedding` default, the one of ADM's class embedding
-      (guided-diffusion, arXiv 2105.05233), which sums it with the time
-      embedding as here: the label is then as loud as the timestep from
-      the first step, and the model learns to use it sooner.
+      norm ≈ 1). 1.0 is PyTorch's `nn.Embedding` default, the init of ADM's
+      class embedding (guided-diffusion, arXiv 2105.05233), which is summed
+      with the time embedding as here: rows of norm √width. Measured on the
+      quickstart in the README's "Tries towards a better quickstart".
     out_ch: output channels; defaults to the input's channel count.
     num_groups: GroupNorm groups; must divide `ch * m` for every `m` in
       `ch_mult` (and `ch`).
