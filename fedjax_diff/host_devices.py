@@ -5,10 +5,10 @@ through an intra-op thread pool. A local step of a small UNet (batch 16 of
 28×28 in the quickstart) is made of many small operations, and one device
 left the second core of a 2-core machine partly idle (two devices trained
 the quickstart 1.43× faster than one). The federation has parallelism that
-does not depend on operation sizes: its clients. With K CPU devices (`jax_num_cpu_devices`),
-the engine shards the round's clients over K devices (`shard_map`), and each
-device trains its own clients, all K at once; see README, "Benchmarks", for
-what this gains on a 2-core machine.
+does not depend on operation sizes: its clients. With K CPU devices
+(`jax_num_cpu_devices`), the engine shards the round's clients over K
+devices (`shard_map`), and each device trains its own clients, all K at
+once; see README, "Benchmarks", for what this gains on a 2-core machine.
 
 The device count is fixed when jax starts its CPU backend, so `configure`
 runs before anything touches a device (launch/train.py and launch/bench.py

@@ -2,10 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from fedjax_diff import diffusion
+from fedjax_diff.diffusion import losses
 
 # One data shape throughout, so that compiled programs are shared by tests.
 BATCH = 2048
@@ -147,9 +149,6 @@ def test_min_snr_above_every_snr_is_the_unweighted_loss():
 
 
 def test_min_snr_gamma_from_config():
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from fedjax_diff.diffusion import losses  # pylint: disable=g-import-not-at-top
-
   def of(**fields):
     return losses.min_snr_gamma_from_config(ml_collections.ConfigDict(
         dict(diffusion=dict(schedule='linear', **fields))))
