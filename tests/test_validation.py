@@ -107,7 +107,8 @@ CASES = [
     ('eval_samples_zero', TEST, ['evaluators.samples.num_samples=0'],
      r'evaluators\.samples\.num_samples must be >= 1'),
     ('eval_method', TEST, ['evaluators.samples.method=ddpn'],
-     r"samples\.method='ddpn'; use one of \('ddim', 'ddpm'\)"),
+     r"samples\.method='ddpn'; use one of "
+     r"\('ddim', 'ddpm', 'dpm_solver\+\+'\)"),
     ('image_size_embedded', TEST, ['data.image_size=16'],
      r"image_size=16, but 'digits' is an embedded dataset whose images are "
      r'8x8'),

@@ -1,9 +1,13 @@
-"""Reverse-process samplers: DDPM ancestral sampling and DDIM.
+"""Reverse-process samplers: DDPM ancestral sampling, DDIM, DPM-Solver++(2M).
 
-Both samplers use an epsilon-prediction network and follow the conventions of
-diffusers' `DDPMScheduler` and `DDIMScheduler` (with their default
+All use an epsilon-prediction network. DDPM and DDIM follow the conventions
+of diffusers' `DDPMScheduler` and `DDIMScheduler` (with their default
 `clip_sample=True`, `set_alpha_to_one=True`, `timestep_spacing='leading'`,
-`steps_offset=0`), against which they are tested.
+`steps_offset=0`), DPM-Solver++(2M) those of its
+`DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', solver_order=2,
+solver_type='midpoint', lower_order_final=True, timestep_spacing='linspace',
+final_sigmas_type='zero')`, with `thresholding=True, sample_max_value=1.0`
+for clipping; they are tested against these.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from fedjax_diff.diffusion import losses
 from fedjax_diff.diffusion import schedules as schedules_lib
 
-_METHODS = ('ddpm', 'ddim')
+_METHODS = ('ddpm', 'ddim', 'dpm_solver++')
 
 
 def _to_ndim(a: jax.Array, ndim: int) -> jax.Array:
@@ -179,6 +183,120 @@ def ddim_step(schedule: schedules_lib.NoiseSchedule,
   return x_prev.astype(x_t.dtype)
 
 
+def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The DPM-Solver++ timesteps, with "linspace" spacing, descending.
+
+  `round(linspace(0, T - 1, N + 1))[::-1][:-1]`, i.e. N timesteps from T - 1
+  down to round((T - 1) / N); t = 0 itself is not visited: the last step of
+  `sample` goes from the smallest of them to sigma = 0. This is diffusers'
+  `DPMSolverMultistepScheduler` with `timestep_spacing='linspace'` (numpy's
+  round, halves to even, as there). With N = T the rounding repeats one
+  timestep (see `dpm_solver_step`).
+
+  Args:
+    num_timesteps: T, the number of training timesteps.
+    num_steps: N, the number of sampling steps, 1 <= N <= T.
+
+  Returns:
+    int32 numpy array of shape [N], from T - 1 down.
+
+  Raises:
+    ValueError: if N is not in [1, T].
+  """
+  _check_num_steps(num_timesteps, num_steps)
+  ts = np.round(np.linspace(0, num_timesteps - 1, num_steps + 1))
+  return ts[::-1][:-1].astype(np.int32)
+
+
+def dpm_solver_step(
+    schedule: schedules_lib.NoiseSchedule,
+    x_t: jax.Array,
+    t: jax.Array | int,
+    t_next: jax.Array | int,
+    eps: jax.Array,
+    t_prev: jax.Array | int = -1,
+    x0_prev: Optional[jax.Array] = None,
+    *,
+    clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
+  """One step x_t -> x_{t_next} of multistep DPM-Solver++(2M).
+
+  Lu et al., 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+  Probabilistic Models", https://arxiv.org/abs/2211.01095, Algorithm 2 (data
+  prediction, order 2), on the discrete-time VP schedule with
+  alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and
+  lambda_t = log alpha_t - log sigma_t. With the data prediction
+
+    x^_0 = (x_t - sigma_t eps) / alpha_t       (clipped to [-1, 1] when
+                                                 clip_denoised)
+
+  and h = lambda_{t_next} - lambda_t, the step is
+
+    x_{t_next} = (sigma_{t_next} / sigma_t) x_t
+                 - alpha_{t_next} (e^{-h} - 1) D,
+
+  with D = x^_0 for the first-order step (deterministic DDIM), and for the
+  second-order one, given x^_0' = the x^_0 of the previous step, at t_prev,
+  r = h' / h with h' = lambda_t - lambda_{t_prev}:
+
+    D = (1 + 1 / (2 r)) x^_0 - 1 / (2 r) x^_0'.
+
+  A negative t_next stands for sigma = 0 (alpha = 1, lambda = +inf, e^{-h} =
+  0): the step returns x^_0, first order, as diffusers'
+  `DPMSolverMultistepScheduler` with `final_sigmas_type='zero'` (whose
+  `thresholding=True, sample_max_value=1.0` is exactly the clip: the
+  quantile s is clamped to [1, 1]).
+
+  The step is first order when t_prev < 0 or x0_prev is None, and also when
+  h' = 0 (t_prev == t: a timestep repeated by `dpm_solver_timesteps` with
+  N = T), where diffusers divides by zero and returns NaN. When h = 0 the
+  step is the identity.
+
+  Args:
+    schedule: the noise schedule.
+    x_t: current samples, [B, ...].
+    t: the current timestep (python int, 0-d int array, or [B] int array).
+    t_next: the next (smaller) timestep; negative for the final step to
+      sigma = 0.
+    eps: predicted noise eps_theta(x_t, t), same shape as `x_t`.
+    t_prev: the timestep of the previous step; negative for none.
+    x0_prev: x^_0 of the previous step (the second output of that step), same
+      shape as `x_t`, or None for a first-order step.
+    clip_denoised: clip x^_0 to [-1, 1].
+
+  Returns:
+    (x_{t_next}, x^_0), both the shape and dtype of `x_t`; x^_0 is the
+    `x0_prev` of the next step.
+  """
+  nd = x_t.ndim
+  sqrt_ab = schedule.sqrt_alphas_cumprod
+  sqrt_1m_ab = schedule.sqrt_one_minus_alphas_cumprod
+
+  def alpha_sigma_lambda(s):
+    a = schedules_lib.extract(sqrt_ab, s, nd)
+    sig = schedules_lib.extract(sqrt_1m_ab, s, nd)
+    return a, sig, jnp.log(a) - jnp.log(sig)
+
+  alpha, sigma, lam = alpha_sigma_lambda(t)
+  x0_hat = (x_t - sigma * eps) / alpha
+  if clip_denoised:
+    x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+  t_next = jnp.asarray(t_next, dtype=jnp.int32)
+  alpha_n, sigma_n, lam_n = alpha_sigma_lambda(jnp.maximum(t_next, 0))
+  h = lam_n - lam
+  d = x0_hat
+  if x0_prev is not None:
+    t_prev = jnp.asarray(t_prev, dtype=jnp.int32)
+    h_prev = lam - alpha_sigma_lambda(jnp.maximum(t_prev, 0))[2]
+    second = _to_ndim(t_prev >= 0, nd) & (h_prev != 0)
+    # 1 / (2 r) = h / (2 h'), and 0 for a first-order step.
+    half_inv_r = jnp.where(second, h / (2.0 * jnp.where(second, h_prev, 1.0)),
+                           0.0)
+    d = x0_hat + half_inv_r * (x0_hat - x0_prev)
+  x_next = (sigma_n / sigma) * x_t - alpha_n * jnp.expm1(-h) * d
+  x_next = jnp.where(_to_ndim(t_next < 0, nd), x0_hat, x_next)
+  return x_next.astype(x_t.dtype), x0_hat.astype(x_t.dtype)
+
+
 def guided_eps(eps_fn: losses.EpsFn,
                params: Any,
                x_t: jax.Array,
@@ -246,11 +364,18 @@ def sample(eps_fn: losses.EpsFn,
            clip_denoised: bool = True) -> jax.Array:
   """Draws samples x_0 by running the reverse process from pure noise.
 
-  x_T ~ N(0, I) of `shape`, then either
+  x_T ~ N(0, I) of `shape`, then one of
     * method='ddpm': T ancestral steps `ddpm_step` at t = T-1, ..., 0
-      (`num_steps` is ignored), or
+      (`num_steps` and `eta` are ignored);
     * method='ddim': S = `num_steps` steps `ddim_step` at t = tau_i of
-      `ddim_timesteps(T, S)`, each to t_prev = t - T // S, with `eta`.
+      `ddim_timesteps(T, S)`, each to t_prev = t - T // S, with `eta`;
+    * method='dpm_solver++': S = `num_steps` steps of multistep
+      DPM-Solver++(2M) (Lu et al., 2022, arXiv 2211.01095, Algorithm 2),
+      `dpm_solver_step` at t_i of `dpm_solver_timesteps(T, S)`, each to
+      t_{i+1}, the last to sigma = 0 (it returns its x^_0). The first and
+      the last step are first order, the others second order (diffusers'
+      `lower_order_final` changes nothing at order 2 with a final sigma of
+      0). Deterministic: `eta` and the noise drawn below are ignored.
   The loop is a `lax.scan`; the result is clipped to [-1, 1] when
   `clip_denoised` (pixels; not latents, which are not bounded).
 
@@ -276,9 +401,9 @@ def sample(eps_fn: losses.EpsFn,
     schedule: the noise schedule.
     rng: PRNG key.
     shape: output shape (NHWC), e.g. (B, H, W, C).
-    method: 'ddpm' or 'ddim'.
-    num_steps: number of DDIM steps S (1 <= S <= T).
-    eta: DDIM stochasticity (0: deterministic).
+    method: 'ddpm', 'ddim' or 'dpm_solver++'.
+    num_steps: number of DDIM or DPM-Solver++ steps S (1 <= S <= T).
+    eta: DDIM stochasticity (0: deterministic); ignored by the others.
     labels: optional int labels of shape [B] for a conditional model.
     guidance_scale: classifier-free guidance scale w, see `guided_eps`; None
       for no guidance.
@@ -296,10 +421,13 @@ def sample(eps_fn: losses.EpsFn,
   num_timesteps = schedule.num_timesteps
   if method == 'ddpm':
     ts = np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
-    t_prevs = ts - 1
+    t_nexts = ts - 1
   elif method == 'ddim':
     ts = ddim_timesteps(num_timesteps, num_steps)
-    t_prevs = ts - num_timesteps // num_steps
+    t_nexts = ts - num_timesteps // num_steps
+  elif method == 'dpm_solver++':
+    ts = dpm_solver_timesteps(num_timesteps, num_steps)
+    t_nexts = np.append(ts[1:], -1).astype(np.int32)
   else:
     raise ValueError(f'Unknown sampling method {method!r}; valid choices are '
                      f'{list(_METHODS)}.')
@@ -316,8 +444,12 @@ def sample(eps_fn: losses.EpsFn,
   x = jax.random.normal(init_key, shape, jnp.float32)
   step_keys = jax.random.split(loop_key, len(ts))
 
-  def body(x, inputs):
-    t, t_prev, key = inputs
+  # The timestep of the previous step (DPM-Solver++), -1 at the first.
+  t_prevs = np.append(-1, ts[:-1]).astype(np.int32)
+
+  def body(carry, inputs):
+    x, x0_prev = carry
+    t, t_next, t_prev, key = inputs
     noise_key, model_key = jax.random.split(key)
     t_batch = jnp.full((batch,), t, dtype=jnp.int32)
     eps = guided_eps(eps_fn, params, x, t_batch, labels, model_key,
@@ -326,13 +458,20 @@ def sample(eps_fn: losses.EpsFn,
     noise = jax.random.normal(noise_key, shape, jnp.float32)
     if method == 'ddpm':
       x = ddpm_step(schedule, x, t, eps, noise, clip_denoised=clip_denoised)
-    else:
-      x = ddim_step(schedule, x, t, t_prev, eps, noise, eta=eta,
+    elif method == 'ddim':
+      x = ddim_step(schedule, x, t, t_next, eps, noise, eta=eta,
                     clip_denoised=clip_denoised)
-    return x, None
+    else:
+      x, x0_prev = dpm_solver_step(schedule, x, t, t_next, eps, t_prev,
+                                   x0_prev, clip_denoised=clip_denoised)
+    return (x, x0_prev), None
 
-  x, _ = jax.lax.scan(body, x,
-                      (jnp.asarray(ts), jnp.asarray(t_prevs), step_keys))
+  # The carried x^_0 of the previous step (DPM-Solver++ only).
+  x0_init = jnp.zeros_like(x) if method == 'dpm_solver++' else None
+  (x, _), _ = jax.lax.scan(
+      body, (x, x0_init),
+      (jnp.asarray(ts), jnp.asarray(t_nexts), jnp.asarray(t_prevs),
+       step_keys))
   return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
 
 

@@ -1,8 +1,9 @@
 """Shared machinery of the generative evaluators (not an evaluator itself).
 
   * `Generator`: evaluation samples from the global EMA model, drawn with the
-    DDIM sampler (Song et al. 2021, arXiv 2010.02502) in jitted batches, with
-    the same noise every round (`base.make_drawer`: decoded through the
+    DDIM sampler (Song et al. 2021, arXiv 2010.02502; with `method`, DDPM or
+    DPM-Solver++(2M), Lu et al. 2022, arXiv 2211.01095) in jitted batches,
+    with the same noise every round (`base.make_drawer`: decoded through the
     first stage in latent diffusion). Evaluators whose entries ask for the same
     samples (num_samples, num_steps, eta, guidance_scale, method) share one
     draw per round and one compiled sampler.
@@ -14,9 +15,9 @@
 
 Entry fields read here (all optional; `FIELDS`, checked by `base.parse`):
 num_samples (1000), batch_size (250),
-method ('ddim'), num_steps (50), eta (0.0), guidance_scale (1.0, a
-class-conditional model draws classes 0, 1, …, C−1, 0, … as
-evaluators/samples.py does), features ('classifier'), cache_dir
+method ('ddim'; or 'ddpm', 'dpm_solver++'), num_steps (50), eta (0.0; DDIM
+only), guidance_scale (1.0, a class-conditional model draws classes 0, 1, …,
+C−1, 0, … as evaluators/samples.py does), features ('classifier'), cache_dir
 ($FEDJAX_DIFF_CACHE or ~/.cache/fedjax_diff), classifier_dataset (the run's
 dataset), inception_weights (path of pytorch-fid's .pth or a converted .npz;
 empty: downloaded), reference_split ('train'), data_dir, image_size (of a
@@ -49,7 +50,8 @@ FIELDS = {
     'every_rounds': base.EVERY_ROUNDS,
     'num_samples': base.Field(1000, 'int', low=2),
     'batch_size': base.Field(250, 'int', low=1),
-    'method': base.Field('ddim', 'str', choices=('ddim', 'ddpm')),
+    'method': base.Field('ddim', 'str',
+                         choices=('ddim', 'ddpm', 'dpm_solver++')),
     'num_steps': base.Field(50, 'int', low=1),
     'eta': base.Field(0.0, 'float', low=0.0),
     'guidance_scale': base.Field(1.0, 'float'),

@@ -2,7 +2,9 @@
 EMA by default, or the raw model), written as PNG to samples/.
 
 Sampling uses DDIM (Song et al. 2021, arXiv 2010.02502) with `num_steps`
-steps and η = `eta`, or DDPM ancestral sampling with method='ddpm'. A
+steps and η = `eta`, DDPM ancestral sampling with method='ddpm', or
+deterministic DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095) with
+`num_steps` steps and method='dpm_solver++' (η ignored). A
 class-conditional model draws classes 0, 1, ..., C−1, 0, ... in order (one
 class per grid row when num_samples is a multiple of C), with classifier-free
 guidance scale `guidance_scale` (1.0 = the plain conditional model). In
@@ -30,7 +32,8 @@ class Evaluator:
 
   FIELDS = {'every_rounds': base.EVERY_ROUNDS,
             'num_samples': base.Field(64, 'int', low=1),
-            'method': base.Field('ddim', 'str', choices=('ddim', 'ddpm')),
+            'method': base.Field('ddim', 'str',
+                                 choices=('ddim', 'ddpm', 'dpm_solver++')),
             'num_steps': base.Field(50, 'int', low=1),
             'eta': base.Field(0.0, 'float', low=0.0),
             'guidance_scale': base.Field(1.0, 'float')}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_diff import diffusion
+from fedjax_diff.diffusion import samplers
 import testlib
 
 # The torch references: run on Python 3.11 too (tests/conftest.py).
@@ -247,6 +248,214 @@ def test_sample_ddim_matches_diffusers_loop():
   _close(got, x.clamp(-1, 1).numpy())
 
 
+# ---------------------------------------------------------------------------
+# DPM-Solver++(2M)
+
+
+def _t_eps_fn(params, x_t, t, labels, *, train, rng):
+  """A toy eps that also depends on t, so that a timestep off by one shows."""
+  del labels, rng
+  assert not train
+  return params['a'] * x_t + 0.3 * (t / T).astype(x_t.dtype)[:, None, None,
+                                                              None]
+
+
+def _dpm_reference(schedule, clip):
+  """diffusers' DPM-Solver++(2M) with the settings `sample` follows."""
+  return _float64(diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=schedule.num_timesteps,
+      trained_betas=np.asarray(schedule.betas), algorithm_type='dpmsolver++',
+      solver_order=2, solver_type='midpoint', lower_order_final=True,
+      timestep_spacing='linspace', final_sigmas_type='zero',
+      thresholding=clip, sample_max_value=1.0))
+
+
+def _dpm_python_loop(eps, schedule, rng, shape, num_steps, clip=True):
+  """Reference: the documented key derivation, in an eager Python loop of
+  `dpm_solver_step` with python int timesteps."""
+  ts = [int(t) for t in samplers.dpm_solver_timesteps(
+      schedule.num_timesteps, num_steps)]
+  init_key, loop_key = jax.random.split(rng)
+  x = jax.random.normal(init_key, shape, jnp.float32)
+  step_keys = jax.random.split(loop_key, num_steps)
+  x0_prev, t_prev = None, -1
+  for i, t in enumerate(ts):
+    _, model_key = jax.random.split(step_keys[i])
+    t_next = ts[i + 1] if i + 1 < num_steps else -1
+    x, x0_prev = samplers.dpm_solver_step(
+        schedule, x, t, t_next, eps(x, t, model_key), t_prev, x0_prev,
+        clip_denoised=clip)
+    t_prev = t
+  return jnp.clip(x, -1.0, 1.0) if clip else x
+
+
+@pytest.mark.parametrize('num_timesteps,num_steps',
+                         [(1000, 10), (1000, 20), (1000, 7), (1000, 999),
+                          (1000, 1000), (100, 1), (100, 2), (10, 3)])
+def test_dpm_solver_timesteps_match_diffusers(num_timesteps, num_steps):
+  ref = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=num_timesteps, timestep_spacing='linspace')
+  ref.set_timesteps(num_steps)
+  got = samplers.dpm_solver_timesteps(num_timesteps, num_steps)
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, ref.timesteps.numpy())
+  for bad in (0, num_timesteps + 1):
+    with pytest.raises(ValueError, match='num_steps'):
+      samplers.dpm_solver_timesteps(num_timesteps, bad)
+
+
+@pytest.mark.parametrize('num_steps', [1, 2, 3, 10, 20])
+@pytest.mark.parametrize('clip', [True, False])
+@pytest.mark.parametrize('name', ['linear', 'cosine'])
+def test_sample_dpm_solver_matches_diffusers_loop(name, clip, num_steps):
+  """The whole trajectory from the same x_T as diffusers' loop.
+
+  Both sides use the same float32 betas (diffusers' `trained_betas` are
+  float32; rebuilding our schedule from them removes their rounding, which
+  at cosine's beta_{T-1} = 0.999 alone changes 1 - beta by up to 6e-5
+  relative). The rest is float32 arithmetic on both sides, and the measured
+  differences are below 1e-6 relative; unclipped, the toy's samples reach
+  |x| ~ 3e4 (x^_0 = x_T / alpha_{T-1} at the first step), hence rtol.
+  """
+  schedule = diffusion.schedule_from_betas(
+      np.asarray(diffusion.make_schedule(name, T).betas))
+  params = {'a': jnp.float32(0.1)}
+  rng = jax.random.PRNGKey(5)
+  shape = (2, 4, 4, 1)
+  got = _jit_sample(_t_eps_fn, params, schedule, rng, shape,
+                    method='dpm_solver++', num_steps=num_steps,
+                    clip_denoised=clip)
+  assert got.shape == shape and got.dtype == jnp.float32
+  x = torch.from_numpy(np.array(
+      jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32)))
+  ref = _dpm_reference(schedule, clip)
+  ref.set_timesteps(num_steps)
+  for t in ref.timesteps:
+    x = ref.step(0.1 * x + 0.3 * float(t) / T, t, x).prev_sample
+  if clip:
+    x = x.clamp(-1, 1)
+    assert np.abs(x.numpy()).max() == 1.0  # The clipping mattered.
+  _close(got, x.numpy())
+
+
+def test_sample_dpm_solver_equals_python_loop_with_guidance():
+  schedule = diffusion.linear_schedule(T)
+  params = {'a': jnp.float32(0.1)}
+  rng = jax.random.PRNGKey(1)
+  shape = (2, 4, 4, 1)
+  labels = jnp.array([1, 3])
+  w, null = 2.5, 9
+  got = _jit_sample(_label_eps_fn, params, schedule, rng, shape,
+                    method='dpm_solver++', num_steps=8, eta=0.7,
+                    labels=labels, guidance_scale=w, null_label=null)
+
+  def guided(x, t, k):
+    tb = jnp.full((2,), t, jnp.int32)
+    e_c = _label_eps_fn(params, x, tb, labels, train=False, rng=k)
+    e_u = _label_eps_fn(params, x, tb, jnp.full((2,), null), train=False,
+                        rng=k)
+    return e_u + w * (e_c - e_u)
+
+  _close(got, _dpm_python_loop(guided, schedule, rng, shape, 8))
+  # Deterministic: eta is ignored.
+  _close(got, _jit_sample(_label_eps_fn, params, schedule, rng, shape,
+                          method='dpm_solver++', num_steps=8, eta=0.0,
+                          labels=labels, guidance_scale=w, null_label=null))
+
+
+@pytest.mark.parametrize('num_steps', [1, 2, 3, 7, 20])
+def test_dpm_solver_exact_noise_recovers_x0(num_steps):
+  """With eps the exact noise of a known x0, every step stays on
+  x_t = alpha_t x0 + sigma_t e (e fixed by x_T) and predicts x^_0 = x0.
+
+  eps(x_t, t) = (x_t - alpha_t x0) / sigma_t gives x^_0 = x0 at every step,
+  so D = x0 also at second order, and the step maps alpha_t x0 + sigma_t e
+  to alpha_{t'} x0 + sigma_{t'} e; the sampler returns x0. N = T = 20
+  repeats a timestep (linspace rounding): there the step is the identity and
+  the next one first order.
+  """
+  num_timesteps = 20
+  schedule = diffusion.linear_schedule(num_timesteps)
+  alpha = np.asarray(schedule.sqrt_alphas_cumprod, np.float64)
+  sigma = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64)
+  shape = (2, 3, 3, 1)
+  x0 = np.linspace(-0.9, 0.9, np.prod(shape)).reshape(shape)
+
+  def eps_fn(params, x_t, t, labels, *, train, rng):
+    del params, labels, train, rng
+    a = jnp.asarray(alpha, jnp.float32)[t][:, None, None, None]
+    s = jnp.asarray(sigma, jnp.float32)[t][:, None, None, None]
+    return (x_t - a * jnp.asarray(x0, jnp.float32)) / s
+
+  rng = jax.random.PRNGKey(2)
+  x_big_t = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape),
+                       np.float64)
+  ts = samplers.dpm_solver_timesteps(num_timesteps, num_steps)
+  e = (x_big_t - alpha[ts[0]] * x0) / sigma[ts[0]]
+  x, x0_prev, t_prev = jnp.asarray(x_big_t, jnp.float32), None, -1
+  for i, t in enumerate(ts):
+    t_next = int(ts[i + 1]) if i + 1 < num_steps else -1
+    eps = eps_fn(None, x, jnp.full((2,), t, jnp.int32), None, train=False,
+                 rng=None)
+    x, x0_prev = samplers.dpm_solver_step(schedule, x, int(t), t_next, eps,
+                                          t_prev, x0_prev)
+    t_prev = int(t)
+    np.testing.assert_allclose(x0_prev, x0, atol=1e-5)
+    want = x0 if t_next < 0 else alpha[t_next] * x0 + sigma[t_next] * e
+    np.testing.assert_allclose(x, want, atol=1e-5)
+  for clip in (True, False):
+    got = _jit_sample(eps_fn, None, schedule, rng, shape,
+                      method='dpm_solver++', num_steps=num_steps,
+                      clip_denoised=clip)
+    np.testing.assert_allclose(got, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize('clip', [True, False])
+def test_sample_dpm_solver_three_steps_by_hand(clip):
+  """N = 3 written out in float64 numpy: a first-order step, a second-order
+  one and the final step to sigma = 0 (Lu et al. 2022, Algorithm 2).
+  (N = 2 is the first-order step and the final one.)"""
+  num_timesteps = 10
+  betas = np.linspace(0.01, 0.2, num_timesteps)
+  schedule = diffusion.schedule_from_betas(betas)
+  alpha = np.sqrt(np.cumprod(1.0 - betas))
+  sigma = np.sqrt(1.0 - np.cumprod(1.0 - betas))
+  lam = np.log(alpha) - np.log(sigma)
+  shape = (2, 3, 3, 1)
+  rng = jax.random.PRNGKey(4)
+  got = _jit_sample(_t_eps_fn, {'a': jnp.float32(0.4)}, schedule, rng, shape,
+                    method='dpm_solver++', num_steps=3, clip_denoised=clip)
+  # round(linspace(0, 9, 4)) = [0, 3, 6, 9]: t = 9, 6, 3, then sigma = 0.
+  np.testing.assert_array_equal(
+      samplers.dpm_solver_timesteps(num_timesteps, 3), [9, 6, 3])
+
+  def x0_hat(x, t):
+    eps = 0.4 * x + 0.3 * t / T
+    x0 = (x - sigma[t] * eps) / alpha[t]
+    return np.clip(x0, -1.0, 1.0) if clip else x0
+
+  x9 = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape),
+                  np.float64)
+  # t = 9 -> 6, first order.
+  d9 = x0_hat(x9, 9)
+  h1 = lam[6] - lam[9]
+  x6 = sigma[6] / sigma[9] * x9 - alpha[6] * (np.exp(-h1) - 1.0) * d9
+  # t = 6 -> 3, second order, r = h1 / h2.
+  d6 = x0_hat(x6, 6)
+  h2 = lam[3] - lam[6]
+  r = h1 / h2
+  d = (1.0 + 1.0 / (2.0 * r)) * d6 - 1.0 / (2.0 * r) * d9
+  x3 = sigma[3] / sigma[6] * x6 - alpha[3] * (np.exp(-h2) - 1.0) * d
+  # t = 3 -> sigma = 0: x_0 = x^_0.
+  want = x0_hat(x3, 3)
+  _close(got, want)
+  # The second-order correction matters: with D = x^_0 at t = 6 it differs.
+  x3_first = sigma[3] / sigma[6] * x6 - alpha[3] * (np.exp(-h2) - 1.0) * d6
+  assert np.abs(x0_hat(x3_first, 3) - want).max() > 1e-3
+  if clip:
+    assert np.abs(d9).max() == 1.0  # The clipping mattered.
+
+
 def test_guided_eps_formula_single_batched_call():
   calls = []
 
@@ -309,7 +518,7 @@ def test_sample_bad_inputs():
     diffusion.sample(*args, num_steps=11)
   with pytest.raises(ValueError, match='num_steps'):
     diffusion.sample(*args, num_steps=0)
-  with pytest.raises(ValueError, match="'ddpm', 'ddim'"):
+  with pytest.raises(ValueError, match=r"'ddpm', 'ddim', 'dpm_solver\+\+'"):
     diffusion.sample(*args, method='euler')
   with pytest.raises(ValueError, match='needs labels'):
     diffusion.sample(*args, num_steps=5, guidance_scale=2.0, null_label=3)
