@@ -89,9 +89,13 @@ def get_config(arg=None):
   # becomes the state one optimizer would hold after all their gradients
   # in FedPhD's loop order (fedjax_diff/algorithms/base.py). Excludes
   # keep_state.
+  # decay_steps: 0 keeps the learning rate constant after warmup; D > 0
+  # decays it along a cosine to 0 at the client's step D (SGDR without
+  # restarts, arXiv 1608.03983; `optimizers.warmup_schedule`). Tried for
+  # issue 18: it did not help at 60 rounds (README).
   config.client_optimizer = ml_collections.ConfigDict(dict(
-      name='adam', learning_rate=2e-3, warmup_steps=100, grad_clip=1.0,
-      keep_state=True, shared_state=False))
+      name='adam', learning_rate=2e-3, warmup_steps=100, decay_steps=0,
+      grad_clip=1.0, keep_state=True, shared_state=False))
   # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg.
   config.server_optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=1.0))

@@ -76,14 +76,31 @@ def scale_by_global_step_schedule(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def warmup_schedule(learning_rate: float, warmup_steps: int):
+def warmup_schedule(learning_rate: float, warmup_steps: int,
+                    decay_steps: int = 0):
   """Linear warmup from 0 to `learning_rate` over `warmup_steps` (DDPM uses
-  5000 steps), then constant."""
+  5000 steps), then constant, or with `decay_steps` > `warmup_steps` a
+  cosine decay to 0 at step `decay_steps` (Loshchilov & Hutter 2017, SGDR,
+  arXiv 1608.03983, without restarts):
+
+    lr(s) = lr · min(1, (s + 1)/W) · ½(1 + cos(π · clip((s − W)/(D − W),
+            0, 1)))
+
+  with W = `warmup_steps` and D = `decay_steps`; 0 after step D."""
+  if decay_steps and decay_steps <= warmup_steps:
+    raise ValueError(f'decay_steps ({decay_steps}) must exceed warmup_steps '
+                     f'({warmup_steps}), or be 0 (no decay).')
+
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    if warmup_steps <= 0:
-      return jnp.asarray(learning_rate, jnp.float32)
-    return learning_rate * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+    lr = jnp.asarray(learning_rate, jnp.float32)
+    if warmup_steps > 0:
+      lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+    if decay_steps:
+      frac = jnp.clip((step - warmup_steps) / (decay_steps - warmup_steps),
+                      0.0, 1.0)
+      lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return lr
   return schedule
 
 
@@ -94,7 +111,9 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
 
   Args:
     cfg: fields `name` ('adam' or 'sgd'), `learning_rate` (> 0),
-      `warmup_steps` (>= 0), `grad_clip` (global norm; 0 disables),
+      `warmup_steps` (>= 0), `decay_steps` (0: none; else a cosine decay
+      to 0 at that step, see `warmup_schedule`), `grad_clip` (global norm;
+      0 disables),
       optional `b1`, `b2` (in [0, 1)), `eps` (> 0), `momentum` (in [0, 1)).
       (`keep_state` and `shared_state` are read by the algorithms, not
       here.)
@@ -114,6 +133,11 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
                     low_open=True,
                     hint='(Adam on a DDPM UNet: 1e-4 to 2e-3.)')
   warmup = steps_field(cfg, 'warmup_steps', where)
+  decay = steps_field(cfg, 'decay_steps', where)
+  if decay and decay <= warmup:
+    raise ValueError(f'{where}.decay_steps ({decay}) must exceed '
+                     f'{where}.warmup_steps ({warmup}), or be 0 (no decay, '
+                     f'the learning rate stays constant after warmup).')
   clip = number_field(cfg, 'grad_clip', where, 0.0, low=0.0,
                       hint='(0 disables clipping.)')
   chain = list(extra or [])
@@ -128,7 +152,8 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
     momentum = number_field(cfg, 'momentum', where, 0.0, low=0.0, high=1.0)
     if momentum:
       chain.append(optax.trace(decay=momentum))
-  chain.append(scale_by_global_step_schedule(warmup_schedule(lr, warmup)))
+  chain.append(scale_by_global_step_schedule(
+      warmup_schedule(lr, warmup, decay)))
   return optax.chain(*chain)
 
 

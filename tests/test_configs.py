@@ -150,3 +150,29 @@ def test_dp_configs_differ_only_in_the_dp_block():
   assert fed.batch_size <= 4500 // fed.num_clients
   with pytest.raises(ValueError, match="use '10', '1' or 'none'"):
     mnist_dp.get_config('5')
+
+
+def test_quickstart_departs_from_fedavg_only_where_its_docstring_says():
+  """configs/mnist_quickstart.py is mnist_fedavg.py's federation (data,
+  partition, clients, batch, model widths, optimizers, seed) with the
+  departures its docstring lists, and nothing else."""
+  from configs import mnist_quickstart  # pylint: disable=g-import-not-at-top
+  quick = mnist_quickstart.get_config()
+  changed = _changed(mnist_fedavg.get_config(), quick)
+  departures = {
+      'num_rounds', 'federation.local_steps', 'federation.mode',
+      'model.num_classes', 'model.label_embed_std',
+      'diffusion.cond_drop_prob', 'diffusion.min_snr_gamma',
+      'client_optimizer.warmup_steps', 'checkpoint_every'}
+  assert departures <= changed
+  assert {k for k in changed - departures
+          if not k.startswith('evaluators.')} == set()
+  # Every sampling evaluator uses the same sampler, run at the last round
+  # (also when --config.num_rounds changes it).
+  quick.num_rounds = 7
+  for name in ('samples', 'fid', 'precision_recall', 'class_coverage'):
+    entry = quick.evaluators[name]
+    assert entry.method == 'dpm_solver++' and entry.num_steps == 10, name
+    assert entry.every_rounds == 7, name
+  with pytest.raises(ValueError, match='takes no argument'):
+    mnist_quickstart.get_config('conditional')

@@ -128,7 +128,8 @@ class Algorithm(base.Algorithm):
   def __init__(self, run: base.Run):
     cfg = run.config.client_optimizer
     self.lr_schedule = optimizers.warmup_schedule(
-        float(cfg.learning_rate), int(cfg.get('warmup_steps', 0)))
+        float(cfg.learning_rate), int(cfg.get('warmup_steps') or 0),
+        int(cfg.get('decay_steps') or 0))
     super().__init__(run)
     if self.privacy is None:
       self.aggregator = control_variate_aggregator()
