@@ -96,9 +96,10 @@ def get_config(arg=None):
   config.client_optimizer = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=2e-3, warmup_steps=100, decay_steps=0,
       grad_clip=1.0, keep_state=True, shared_state=False))
-  # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg.
+  # Server optimizer on the pseudo-gradient: sgd(1.0) is FedAvg; momentum
+  # > 0 with sgd is FedAvgM (Hsu et al. 2019, arXiv 1909.06335).
   config.server_optimizer = ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=1.0))
+      name='sgd', learning_rate=1.0, momentum=0.0))
   config.ema_decay = 0.9
 
   # FedDM-prox (FedProx, arXiv 1812.06127): clients add mu·(θ − θ_global) to

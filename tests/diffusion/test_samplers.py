@@ -338,6 +338,20 @@ def test_sample_dpm_solver_matches_diffusers_loop(name, clip, num_steps):
   _close(got, x.numpy())
 
 
+def _guided_by_hand(params, labels, w, null):
+  """Classifier-free guidance of `_label_eps_fn` written out (Ho & Salimans
+  2022, eq. 6): ε_null + w·(ε_label − ε_null)."""
+
+  def guided(x, t, k):
+    tb = jnp.full((x.shape[0],), t, jnp.int32)
+    e_c = _label_eps_fn(params, x, tb, labels, train=False, rng=k)
+    e_u = _label_eps_fn(params, x, tb, jnp.full((x.shape[0],), null),
+                        train=False, rng=k)
+    return e_u + w * (e_c - e_u)
+
+  return guided
+
+
 def test_sample_dpm_solver_equals_python_loop_with_guidance():
   schedule = diffusion.linear_schedule(T)
   params = {'a': jnp.float32(0.1)}
@@ -348,14 +362,7 @@ def test_sample_dpm_solver_equals_python_loop_with_guidance():
   got = _jit_sample(_label_eps_fn, params, schedule, rng, shape,
                     method='dpm_solver++', num_steps=8, eta=0.7,
                     labels=labels, guidance_scale=w, null_label=null)
-
-  def guided(x, t, k):
-    tb = jnp.full((2,), t, jnp.int32)
-    e_c = _label_eps_fn(params, x, tb, labels, train=False, rng=k)
-    e_u = _label_eps_fn(params, x, tb, jnp.full((2,), null), train=False,
-                        rng=k)
-    return e_u + w * (e_c - e_u)
-
+  guided = _guided_by_hand(params, labels, w, null)
   _close(got, _dpm_python_loop(guided, schedule, rng, shape, 8))
   # Deterministic: eta is ignored.
   _close(got, _jit_sample(_label_eps_fn, params, schedule, rng, shape,
@@ -491,13 +498,7 @@ def test_sample_with_guidance_equals_python_loop():
   w, null = 2.5, 9
   got = _jit_sample(_label_eps_fn, params, schedule, rng, shape, num_steps=8,
                     labels=labels, guidance_scale=w, null_label=null)
-
-  def guided(x, t, k):
-    tb = jnp.full((2,), t, jnp.int32)
-    e_c = _label_eps_fn(params, x, tb, labels, train=False, rng=k)
-    e_u = _label_eps_fn(params, x, tb, jnp.full((2,), null), train=False,
-                        rng=k)
-    return e_u + w * (e_c - e_u)
+  guided = _guided_by_hand(params, labels, w, null)
 
   ts = diffusion.ddim_timesteps(T, 8)
   want = _python_loop(guided, schedule, rng, shape, ts, ts - T // 8,
