@@ -7,6 +7,8 @@ from fedjax_diff.diffusion.losses import EpsFn
 from fedjax_diff.diffusion.samplers import ddim_step
 from fedjax_diff.diffusion.samplers import ddim_timesteps
 from fedjax_diff.diffusion.samplers import ddpm_step
+from fedjax_diff.diffusion.samplers import dpm_solver_step
+from fedjax_diff.diffusion.samplers import dpm_solver_timesteps
 from fedjax_diff.diffusion.samplers import guided_eps
 from fedjax_diff.diffusion.samplers import sample
 from fedjax_diff.diffusion.schedules import cosine_schedule
@@ -26,6 +28,8 @@ __all__ = [
     'ddim_timesteps',
     'ddpm_step',
     'diffusion_loss',
+    'dpm_solver_step',
+    'dpm_solver_timesteps',
     'drop_labels',
     'ema_update',
     'extract',
