@@ -17,8 +17,9 @@ federation; README, "Tries towards a better quickstart"):
     ignores them (the null label gives the same held-out loss). For the same
     3,000 client steps, shorter rounds keep the clients' models closer to
     the global one: classifier FID 43.7 at 5 local steps, 27.4 at 3 and 22.2
-    at 2 (each judged alike: raw model, guidance 3). More rounds cost nothing here but a fixed ~0.5 s each; over a
-    network they would cost traffic (the run's summary counts it).
+    at 2 (each judged alike: raw model, guidance 3). More rounds cost
+    nothing here but a fixed ~0.5 s each; over a network they would cost
+    traffic (the run's summary counts it).
   * Min-SNR-5 loss weighting (Hang et al. 2023, arXiv 2303.09556).
   * Adam's warmup over 20 of a client's steps (10 rounds), not 100 (50
     rounds at 2 local steps).

@@ -77,7 +77,7 @@ def scale_by_global_step_schedule(
 
 
 def warmup_schedule(learning_rate: float, warmup_steps: int,
-                    decay_steps: int = 0):
+                    decay_steps: int = 0, where: str = ''):
   """Linear warmup from 0 to `learning_rate` over `warmup_steps` (DDPM uses
   5000 steps), then constant, or with `decay_steps` > `warmup_steps` a
   cosine decay to 0 at step `decay_steps` (Loshchilov & Hutter 2017, SGDR,
@@ -86,10 +86,18 @@ def warmup_schedule(learning_rate: float, warmup_steps: int,
     lr(s) = lr · min(1, (s + 1)/W) · ½(1 + cos(π · clip((s − W)/(D − W),
             0, 1)))
 
-  with W = `warmup_steps` and D = `decay_steps`; 0 after step D."""
+  with W = `warmup_steps` and D = `decay_steps`; 0 after step D.
+
+  Raises:
+    ValueError: 0 < D <= W; the message names the fields under `where`
+      (e.g. 'config.client_optimizer') when given.
+  """
   if decay_steps and decay_steps <= warmup_steps:
-    raise ValueError(f'decay_steps ({decay_steps}) must exceed warmup_steps '
-                     f'({warmup_steps}), or be 0 (no decay).')
+    prefix = f'{where}.' if where else ''
+    raise ValueError(f'{prefix}decay_steps ({decay_steps}) must exceed '
+                     f'{prefix}warmup_steps ({warmup_steps}), or be 0 (no '
+                     f'decay, the learning rate stays constant after '
+                     f'warmup).')
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -133,11 +141,8 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
                     low_open=True,
                     hint='(Adam on a DDPM UNet: 1e-4 to 2e-3.)')
   warmup = steps_field(cfg, 'warmup_steps', where)
-  decay = steps_field(cfg, 'decay_steps', where)
-  if decay and decay <= warmup:
-    raise ValueError(f'{where}.decay_steps ({decay}) must exceed '
-                     f'{where}.warmup_steps ({warmup}), or be 0 (no decay, '
-                     f'the learning rate stays constant after warmup).')
+  schedule = warmup_schedule(lr, warmup,
+                             steps_field(cfg, 'decay_steps', where), where)
   clip = number_field(cfg, 'grad_clip', where, 0.0, low=0.0,
                       hint='(0 disables clipping.)')
   chain = list(extra or [])
@@ -152,8 +157,7 @@ def client_optimizer(cfg: ml_collections.ConfigDict,
     momentum = number_field(cfg, 'momentum', where, 0.0, low=0.0, high=1.0)
     if momentum:
       chain.append(optax.trace(decay=momentum))
-  chain.append(scale_by_global_step_schedule(
-      warmup_schedule(lr, warmup, decay)))
+  chain.append(scale_by_global_step_schedule(schedule))
   return optax.chain(*chain)
 
 

@@ -338,6 +338,13 @@ def test_sample_dpm_solver_matches_diffusers_loop(name, clip, num_steps):
   _close(got, x.numpy())
 
 
+def _guided_case():
+  """The guided-sampling case of the tests below: (schedule, params, rng,
+  shape, labels, w, null label)."""
+  return (diffusion.linear_schedule(T), {'a': jnp.float32(0.1)},
+          jax.random.PRNGKey(1), (2, 4, 4, 1), jnp.array([1, 3]), 2.5, 9)
+
+
 def _guided_by_hand(params, labels, w, null):
   """Classifier-free guidance of `_label_eps_fn` written out (Ho & Salimans
   2022, eq. 6): ε_null + w·(ε_label − ε_null)."""
@@ -353,12 +360,7 @@ def _guided_by_hand(params, labels, w, null):
 
 
 def test_sample_dpm_solver_equals_python_loop_with_guidance():
-  schedule = diffusion.linear_schedule(T)
-  params = {'a': jnp.float32(0.1)}
-  rng = jax.random.PRNGKey(1)
-  shape = (2, 4, 4, 1)
-  labels = jnp.array([1, 3])
-  w, null = 2.5, 9
+  schedule, params, rng, shape, labels, w, null = _guided_case()
   got = _jit_sample(_label_eps_fn, params, schedule, rng, shape,
                     method='dpm_solver++', num_steps=8, eta=0.7,
                     labels=labels, guidance_scale=w, null_label=null)
@@ -490,12 +492,7 @@ def test_guided_eps_formula_single_batched_call():
 
 
 def test_sample_with_guidance_equals_python_loop():
-  schedule = diffusion.linear_schedule(T)
-  params = {'a': jnp.float32(0.1)}
-  rng = jax.random.PRNGKey(1)
-  shape = (2, 4, 4, 1)
-  labels = jnp.array([1, 3])
-  w, null = 2.5, 9
+  schedule, params, rng, shape, labels, w, null = _guided_case()
   got = _jit_sample(_label_eps_fn, params, schedule, rng, shape, num_steps=8,
                     labels=labels, guidance_scale=w, null_label=null)
   guided = _guided_by_hand(params, labels, w, null)
