@@ -240,7 +240,8 @@ def initial_rows(params: PyTree, *, upload=None, client_optimizer=None,
   """One client's rows before its first round.
 
   `'upload'` when the upload path keeps state, `'optimizer'` when clients
-  keep their optimizer state (`client_optimizer` given), and the entries of
+  keep their optimizer state (`client_optimizer` given, and its state has
+  leaves), and the entries of
   `extra(params)` (an algorithm's own rows). `{}` for FedAvg.
   """
   rows = {}
@@ -249,7 +250,10 @@ def initial_rows(params: PyTree, *, upload=None, client_optimizer=None,
     if jax.tree.leaves(z):
       rows[UPLOAD] = z
   if client_optimizer is not None:
-    rows[OPTIMIZER] = client_optimizer.init(params)
+    # A stateless chain (plain SGD without warmup) has nothing to keep.
+    z = client_optimizer.init(params)
+    if jax.tree.leaves(z):
+      rows[OPTIMIZER] = z
   if extra is not None:
     rows.update(extra(params))
   return rows

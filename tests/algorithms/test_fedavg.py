@@ -1,12 +1,14 @@
 """FedAvg on the engine against the plain Python loop of the test library."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 import testlib as lib
 from fedjax_diff import client as client_lib
 from fedjax_diff import federation
+from fedjax_diff import optimizers
 
 ROUND_IDS = [np.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 15]),
              np.array([1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15])]
@@ -84,6 +86,25 @@ def test_kept_client_optimizer_state_matches_python_loop(mode, num_devices):
                                       **{'federation.mode': mode})
   reset_state, _, _ = lib.run_rounds(reset, sharded, ROUND_IDS)
   assert lib.tree_distance(reset_state.params, state.params) > 1e-4
+
+
+def test_kept_state_of_a_stateless_optimizer_is_nothing():
+  """keep_state with plain SGD (no momentum, no warmup count): nothing to
+  keep, so the round runs as with a fresh optimizer each round."""
+  data = lib.make_data()
+  plain_sgd = optimizers.client_optimizer(ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=5e-2, momentum=0.0, warmup_steps=0,
+      grad_clip=1.0)))
+  assert not jax.tree.leaves(plain_sgd.init(lib.init_params()))
+  final = []
+  for keep in (True, False):
+    algorithm, sharded = lib.make_algorithm(
+        data, 1, optimizer=plain_sgd,
+        **{'client_optimizer.keep_state': keep})
+    state, _, _ = lib.run_rounds(algorithm, sharded, ROUND_IDS)
+    assert state.client_states == {}
+    final.append(state.params)
+  lib.assert_trees_close(final[0], final[1], rtol=0, atol=0)
 
 
 def test_client_rows_must_match_the_algorithm():
