@@ -163,8 +163,15 @@ def test_quickstart_departs_from_fedavg_only_where_its_docstring_says():
       'num_rounds', 'federation.local_steps', 'federation.mode',
       'model.num_classes', 'model.label_embed_std',
       'diffusion.cond_drop_prob', 'diffusion.min_snr_gamma',
-      'client_optimizer.warmup_steps', 'checkpoint_every'}
+      'client_optimizer.name', 'client_optimizer.learning_rate',
+      'client_optimizer.warmup_steps', 'client_optimizer.keep_state',
+      'server_optimizer.name', 'server_optimizer.learning_rate',
+      'server_optimizer.momentum', 'server_optimizer.b1',
+      'server_optimizer.b2', 'server_optimizer.eps', 'eval_params',
+      'checkpoint_every'}
   assert departures <= changed
+  assert quick.server_optimizer.name == 'adam'
+  assert quick.eval_params == 'raw'
   assert {k for k in changed - departures
           if not k.startswith('evaluators.')} == set()
   # Every sampling evaluator uses the same sampler, run at the last round
