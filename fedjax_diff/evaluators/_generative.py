@@ -5,8 +5,8 @@
     DPM-Solver++(2M), Lu et al. 2022, arXiv 2211.01095) in jitted batches,
     with the same noise every round (`base.make_drawer`: decoded through the
     first stage in latent diffusion). Evaluators whose entries ask for the same
-    samples (num_samples, num_steps, eta, guidance_scale, method) share one
-    draw per round and one compiled sampler.
+    samples (batch_size, num_steps, eta, guidance_scale, method) share the
+    batches drawn in a round and one compiled sampler.
   * `features_from_config`: the feature space of FID and precision/recall,
     'classifier' (the project's digit classifier, seconds on CPU) or
     'inception' (the FID Inception-v3, `fedjax_diff.metrics.inception`).
@@ -69,7 +69,15 @@ FIELDS = {
 
 class Generator:
   """Draws the evaluation samples of an entry (in [−1, 1], NHWC); `cfg` is
-  the entry parsed with `FIELDS`."""
+  the entry parsed with `FIELDS`.
+
+  Batch i of an entry is drawn from the key `fold_in(PRNGKey(seed +
+  15485863), i)` with labels `(i·batch + j) mod C`, so it depends only on
+  the sampler settings and the batch size, not on `num_samples`: entries
+  with the same settings (the grid of evaluators/samples.py with fid's, say)
+  share the batches drawn in a round instead of drawing them again, and an
+  entry of n samples gets the first n of a longer draw.
+  """
 
   def __init__(self, cfg, ctx: EvalContext):
     self.num_samples = int(cfg.num_samples)
@@ -80,30 +88,31 @@ class Generator:
     scale = float(cfg.guidance_scale)
     self._batch = batch
     self._ctx = ctx
-    self._key = (id(ctx), self.num_samples, batch, method, num_steps, eta,
-                 scale)
+    self._key = (id(ctx), batch, method, num_steps, eta, scale)
     self._draw = make_drawer(ctx, batch, method=method, num_steps=num_steps,
                              eta=eta, guidance_scale=scale)
-    num_batches = -(-self.num_samples // batch)
+    self._num_batches = -(-self.num_samples // batch)
     self.labels = (None if ctx.num_classes is None else
-                   np.arange(num_batches * batch) % ctx.num_classes)
+                   np.arange(self._num_batches * batch) % ctx.num_classes)
     self._rng = jax.random.PRNGKey(ctx.seed + 15485863)
 
   def __call__(self, state, round_idx: int) -> np.ndarray:
     params = evaluated_params(state, self._ctx)
     last = _LAST_DRAW.get(self._key)
-    if last is not None and last[0] == round_idx and last[1] is params:
-      return last[2]
-    out = []
-    for i in range(-(-self.num_samples // self._batch)):
-      labels = (None if self.labels is None else
-                jnp.asarray(self.labels[i * self._batch:(i + 1) *
-                                        self._batch]))
-      out.append(np.asarray(self._draw(
-          params, jax.random.fold_in(self._rng, i), labels)))
-    images = np.concatenate(out)[:self.num_samples]
-    _LAST_DRAW[self._key] = (round_idx, params, images)
-    return images
+    if last is None or last[0] != round_idx or last[1] is not params:
+      last = (round_idx, params, [], {})  # a new round: nothing to share.
+      _LAST_DRAW[self._key] = last
+    _, _, batches, outputs = last
+    if self.num_samples not in outputs:
+      for i in range(len(batches), self._num_batches):
+        labels = (None if self.labels is None else
+                  jnp.asarray(self.labels[i * self._batch:(i + 1) *
+                                          self._batch]))
+        batches.append(np.asarray(self._draw(
+            params, jax.random.fold_in(self._rng, i), labels)))
+      outputs[self.num_samples] = np.concatenate(
+          batches[:self._num_batches])[:self.num_samples]
+    return outputs[self.num_samples]
 
 
 def cache_dir(cfg) -> str:

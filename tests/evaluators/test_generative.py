@@ -75,6 +75,39 @@ def test_end_to_end_with_the_ddim_sampler(setup, monkeypatch):
   assert 0.85 < figures['classifier_accuracy'] <= 1
 
 
+def test_the_grid_is_the_first_batch_of_the_shared_draw(setup, monkeypatch):
+  """A samples grid with fid's sampler and batch size shows fid's first
+  samples, and the batches it drew are not drawn again for fid."""
+  ctx, state, cache = setup
+  calls = []
+  orig_make = _generative.make_drawer
+
+  def counting_make(*args, **kwargs):
+    draw = orig_make(*args, **kwargs)
+
+    def counted(params, key, labels):
+      calls.append(key)
+      return draw(params, key, labels)
+    return counted
+
+  monkeypatch.setattr(_generative, 'make_drawer', counting_make)
+  entries = _entries(cache)
+  entries.samples = dict(every_rounds=1, num_samples=32, batch_size=32,
+                         num_steps=4)
+  evs = evaluators_lib.build_evaluators(entries, ctx)
+  grid = evs['samples']._generator(state, 5)  # pylint: disable=protected-access
+  assert len(calls) == 1 and grid.shape == (32, 8, 8, 1)
+  evs['fid'](state, 5)
+  assert len(calls) == 2  # only fid's second batch was drawn.
+  draw = evs['fid']._generator(state, 5)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(draw[:32], grid)
+  assert not np.array_equal(draw[32:], grid)
+  # Another round draws afresh, with the same noise.
+  again = evs['samples']._generator(state, 6)  # pylint: disable=protected-access
+  assert len(calls) == 3
+  np.testing.assert_array_equal(again, grid)
+
+
 def test_figures_equal_direct_computation_on_real_images(setup, monkeypatch):
   """With a 'generator' that returns real images, each figure equals the
   metric computed directly; and FID of the reference set itself is 0."""
