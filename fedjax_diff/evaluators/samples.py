@@ -19,7 +19,6 @@ num_samples of their samples, drawn once.
 import os
 
 import ml_collections
-import numpy as np
 
 from fedjax_diff import image_grid
 from fedjax_diff import workdir as workdir_lib
